@@ -1,0 +1,56 @@
+"""Exceptions and warnings raised by artifex_ckpt.
+
+Every error subclasses both `CheckpointError` and the builtin a caller would
+already catch (`ValueError`, `FileNotFoundError`, ...), so `except ValueError`
+keeps working while `except CheckpointError` catches everything of ours.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointSaveError",
+    "ConfigError",
+    "CorruptCheckpointWarning",
+    "MetricError",
+    "SettingsMismatchError",
+    "StepError",
+    "WeightsOnlyError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error artifex_ckpt raises."""
+
+
+class ConfigError(CheckpointError, ValueError):
+    """A setting (config field, template, option) has a value we cannot use."""
+
+
+class SettingsMismatchError(ConfigError):
+    """Explicit settings contradict the ones stored in the checkpoint directory."""
+
+
+class MetricError(CheckpointError, ValueError):
+    """A metric is missing or is not a real scalar."""
+
+
+class StepError(CheckpointError, ValueError):
+    """A step is negative, or not newer than the newest checkpoint."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No retained checkpoint matches the request."""
+
+
+class WeightsOnlyError(CheckpointError, ValueError):
+    """A weights-only checkpoint was asked for optimizer state or training progress."""
+
+
+class CheckpointSaveError(CheckpointError, RuntimeError):
+    """A save failed, possibly in the background; the cause is chained."""
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """A checkpoint failed to restore and was skipped in favour of another one."""

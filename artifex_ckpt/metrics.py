@@ -1,0 +1,66 @@
+"""Turning metric values (Python, numpy or JAX scalars) into the floats Orbax stores as JSON."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from artifex_ckpt.errors import MetricError
+
+__all__ = ["jsonable", "normalise_metrics", "to_float"]
+
+
+def to_float(name: str, value: object) -> float:
+    """`value` as a Python float; numpy and JAX scalars (and size-1 arrays) are accepted.
+
+    Raises `MetricError` naming `name` for strings, None, booleans and arrays of size > 1.
+    """
+    if isinstance(value, bool | str | bytes) or value is None:
+        raise MetricError(
+            f"metric {name!r} is {value!r} ({type(value).__name__}); "
+            "a real number is needed (float, int, numpy or JAX scalar)"
+        )
+    if isinstance(value, numbers.Real):
+        return float(value)
+    size = getattr(value, "size", None)
+    if size == 1 and np.issubdtype(np.asarray(value).dtype, np.number):
+        return float(np.asarray(value).reshape(()))
+    shape = getattr(value, "shape", None)
+    raise MetricError(
+        f"metric {name!r} is a {type(value).__name__}"
+        + (f" of shape {tuple(shape)}" if shape is not None else "")
+        + "; a real scalar is needed (float, int, numpy or JAX scalar, or an array of size 1)"
+    )
+
+
+def normalise_metrics(
+    metrics: Mapping[str, object] | None, monitor: str
+) -> dict[str, float] | None:
+    """Every metric as a float; `monitor` must be among them unless `metrics` is None."""
+    if metrics is None:
+        return None
+    if not isinstance(metrics, Mapping):
+        raise MetricError(f"metrics={metrics!r} is not a mapping; pass a dict of name -> number")
+    if monitor not in metrics:
+        raise MetricError(
+            f"monitored metric {monitor!r} is missing; metrics given: {sorted(metrics)}"
+        )
+    return {str(name): to_float(str(name), value) for name, value in metrics.items()}
+
+
+def jsonable(tree: Any) -> Any:
+    """A copy of `tree` with numpy/JAX scalars as Python numbers, so `json.dumps` takes it."""
+    if isinstance(tree, Mapping):
+        return {str(k): jsonable(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [jsonable(v) for v in tree]
+    if isinstance(tree, bool | int | float | str) or tree is None:
+        return tree
+    if getattr(tree, "size", None) == 1:
+        return np.asarray(tree).reshape(()).item()
+    if hasattr(tree, "tolist"):
+        return tree.tolist()
+    return tree
