@@ -89,7 +89,7 @@ class RetentionSettings:
         path = directory / SETTINGS_FILE
         tmp = directory / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-        tmp.rename(path)
+        tmp.replace(path)
 
 
 def require_int(field: str, value: object, *, minimum: int, accepted: str) -> None:

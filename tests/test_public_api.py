@@ -6,23 +6,35 @@ import artifex_ckpt
 def test_all_is_pinned() -> None:
     assert sorted(artifex_ckpt.__all__) == sorted(
         [
+            "BaseCallback",
             "BestNByRank",
+            "CallbackList",
             "CheckpointConfig",
             "CheckpointError",
             "CheckpointNotFoundError",
             "CheckpointSaveError",
             "ConfigError",
             "CorruptCheckpointWarning",
+            "EarlyStopping",
+            "EarlyStoppingConfig",
             "EveryNEpochs",
             "FilenameTemplate",
             "MetricCheckpointManager",
             "MetricError",
             "MetricRanking",
+            "ModelCheckpoint",
+            "ProgressBarCallback",
+            "ProgressBarConfig",
             "RetainedOnArrival",
             "RetentionSettings",
             "SettingsMismatchError",
             "StepError",
+            "Trainer",
+            "TrainerLike",
             "WeightsOnlyError",
+            "load_checkpoint",
+            "save_checkpoint",
+            "setup_checkpoint_manager",
         ]
     )
 

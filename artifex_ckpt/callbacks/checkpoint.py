@@ -1,0 +1,120 @@
+"""`ModelCheckpoint`: maps a training loop's epochs and logs onto a `MetricCheckpointManager`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from etils import epath
+
+from artifex_ckpt.callbacks.base import BaseCallback, Logs, TrainerLike
+from artifex_ckpt.checkpointing import checkpoint_args
+from artifex_ckpt.config import CheckpointConfig
+from artifex_ckpt.errors import StepError
+from artifex_ckpt.manager import MetricCheckpointManager
+from artifex_ckpt.policies import EveryNEpochs
+
+__all__ = ["ModelCheckpoint"]
+
+
+class ModelCheckpoint(BaseCallback):
+    """Save checkpoints of `trainer.model` (and `trainer.optimizer`) ranked by a metric.
+
+    Every `every_n_epochs`-th epoch is eligible. With `save_last=True` each eligible
+    epoch is written and the newest is always kept; with `save_last=False` only
+    epochs entering the top `save_top_k` are written. Saves are asynchronous;
+    `on_train_end` waits for them and raises if one failed. Best score, paths and
+    the saved list are read from the manager, so they survive a restart.
+
+    Example:
+        ```python
+        checkpoint = ModelCheckpoint(CheckpointConfig(dirpath="./checkpoints", save_top_k=3))
+        trainer.fit(callbacks=[checkpoint])
+        print(checkpoint.best_checkpoint_path, checkpoint.best_score)
+        ```
+    """
+
+    __slots__ = ("_eligibility", "_last_epoch", "_manager", "config")
+
+    def __init__(self, config: CheckpointConfig) -> None:
+        self.config = config
+        self._manager = MetricCheckpointManager.from_config(config)
+        self._eligibility = EveryNEpochs(config.every_n_epochs)
+        self._last_epoch: tuple[int, Logs] | None = None
+
+    @property
+    def manager(self) -> MetricCheckpointManager:
+        """The Orbax manager holding this callback's checkpoints."""
+        return self._manager
+
+    @property
+    def best_score(self) -> float | None:
+        """Best monitored value on disk; None if no checkpoint has a finite one."""
+        best = self._manager.best_step()
+        return None if best is None else self._manager.score(best)
+
+    @property
+    def best_checkpoint_path(self) -> epath.Path | None:
+        """Directory of the best checkpoint, named by the filename template."""
+        best = self._manager.best_step()
+        return None if best is None else self._manager.step_path(best)
+
+    @property
+    def saved_checkpoints(self) -> list[tuple[float, epath.Path]]:
+        """Every retained checkpoint with a monitored value, as (score, path), best first."""
+        return [
+            (score, self._manager.step_path(step))
+            for step in self._manager.ranked_steps()
+            if (score := self._manager.score(step)) is not None
+        ]
+
+    @property
+    def last_checkpoint_path(self) -> epath.Path | None:
+        """Directory of the newest checkpoint, the point training resumes from."""
+        latest = self._manager.latest_step()
+        return None if latest is None else self._manager.step_path(latest)
+
+    def on_train_begin(self, trainer: TrainerLike) -> None:
+        first = getattr(trainer, "initial_epoch", 0)
+        latest = self._manager.latest_step()
+        if latest is not None and first <= latest:
+            raise StepError(
+                f"{self._manager.directory} already holds checkpoints up to epoch {latest}, "
+                f"but training starts at epoch {first}, so no new checkpoint could be "
+                "written; resume with Trainer.fit(resume=True) or choose a new dirpath"
+            )
+        self._last_epoch = None
+
+    def on_epoch_end(self, trainer: TrainerLike, epoch: int, logs: Logs) -> None:
+        self._last_epoch = (epoch, logs)
+        # Cheap integer test first: ineligible epochs never touch (or sync) the logs.
+        if self._eligibility.is_eligible(epoch):
+            self._save(trainer, epoch, logs, force=False)
+
+    def on_train_end(self, trainer: TrainerLike) -> None:
+        if self.config.save_last and self._last_epoch is not None:
+            epoch, logs = self._last_epoch
+            latest = self._manager.latest_step()
+            if latest is None or epoch > latest:
+                self._save(trainer, epoch, logs, force=True)
+        self._manager.wait_until_finished()
+
+    def on_exception(self, trainer: TrainerLike, error: BaseException) -> None:
+        # Let a save in flight commit, so no half-written directory is left behind.
+        self._manager.wait_until_finished()
+
+    def _save(self, trainer: TrainerLike, epoch: int, logs: Logs, *, force: bool) -> bool:
+        global_step = getattr(trainer, "step", epoch)
+        state: dict[str, Any] = {"epoch": epoch, "global_step": global_step, "logs": dict(logs)}
+        args = checkpoint_args(
+            trainer.model,
+            getattr(trainer, "optimizer", None),
+            weights_only=self.config.save_weights_only,
+            trainer_state=state,
+        )
+        return self._manager.save(
+            epoch,
+            args=args,
+            metrics=logs,
+            force=force,
+            custom_metadata={"epoch": epoch, "global_step": global_step},
+        )

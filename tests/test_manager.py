@@ -1,0 +1,216 @@
+"""MetricCheckpointManager on real Orbax: reopening, interop, errors, custom loops."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+from flax import nnx
+
+from artifex_ckpt import (
+    CheckpointNotFoundError,
+    ConfigError,
+    MetricCheckpointManager,
+    MetricError,
+    SettingsMismatchError,
+    StepError,
+)
+from artifex_ckpt.settings import SETTINGS_FILE
+from tests.conftest import TinyMLP, assert_trees_equal, step_dirs
+
+TEMPLATE = "model-{epoch:02d}-{val/loss:.4f}"
+
+
+def _args(step: int) -> ocp.args.StandardSave:
+    return ocp.args.StandardSave({"w": np.full(3, step, np.float32)})
+
+
+def _fill(root: Path, losses: list[float], **kwargs: object) -> None:
+    with MetricCheckpointManager(root, filename=TEMPLATE, monitor="val/loss", **kwargs) as mgr:
+        for step, loss in enumerate(losses):
+            mgr.save(step, args=_args(step), metrics={"val/loss": loss, "acc": 1 - loss})
+
+
+def _snapshot(mgr: MetricCheckpointManager) -> tuple[object, ...]:
+    steps = sorted(mgr.all_steps())
+    return (
+        steps,
+        [mgr.score(s) for s in steps],
+        mgr.best_step(),
+        mgr.latest_step(),
+        [str(mgr.step_path(s)) for s in steps],
+        mgr.ranked_steps(),
+    )
+
+
+def test_reopen_with_and_without_template_sees_the_same(ckpt_dir: Path) -> None:
+    _fill(ckpt_dir, [0.9, 0.4, 0.7, 0.5, 0.8], save_top_k=2)
+    with MetricCheckpointManager(ckpt_dir, filename=TEMPLATE, monitor="val/loss") as explicit:
+        first = _snapshot(explicit)
+    with MetricCheckpointManager(epath.Path(ckpt_dir)) as bare:
+        second = _snapshot(bare)
+        assert bare.settings.filename == TEMPLATE
+        assert bare.settings.save_top_k == 2
+    assert first == second
+    assert first[0] == [1, 3, 4]
+    assert first[2] == 1
+    assert step_dirs(ckpt_dir) == {"model-01-0.4000", "model-03-0.5000", "model-04-0.8000"}
+
+
+def test_reopened_manager_keeps_applying_stored_retention(ckpt_dir: Path) -> None:
+    _fill(ckpt_dir, [0.9, 0.4, 0.7], save_top_k=1)
+    with MetricCheckpointManager(ckpt_dir) as mgr:
+        mgr.save(3, args=_args(3), metrics={"val/loss": 0.6})
+    assert step_dirs(ckpt_dir) == {"model-01-0.4000", "model-03-0.6000"}
+
+
+def test_explicit_argument_overrides_and_is_stored(ckpt_dir: Path) -> None:
+    _fill(ckpt_dir, [0.9], save_top_k=1)
+    MetricCheckpointManager(ckpt_dir, save_top_k=5).close()
+    stored = json.loads((ckpt_dir / SETTINGS_FILE).read_text())
+    assert stored["save_top_k"] == 5 and stored["filename"] == TEMPLATE
+
+
+def test_different_template_is_refused_and_nothing_changes(ckpt_dir: Path) -> None:
+    _fill(ckpt_dir, [0.9, 0.4])
+    before = step_dirs(ckpt_dir), (ckpt_dir / SETTINGS_FILE).read_text()
+    with pytest.raises(SettingsMismatchError, match=r"ckpt-\{epoch\}.*differs.*model-"):
+        MetricCheckpointManager(ckpt_dir, filename="ckpt-{epoch}")
+    assert (step_dirs(ckpt_dir), (ckpt_dir / SETTINGS_FILE).read_text()) == before
+
+
+def test_no_template_uses_orbax_numeric_names(ckpt_dir: Path) -> None:
+    with MetricCheckpointManager(ckpt_dir, save_top_k=1, keep_last=False) as mgr:
+        for step, loss in enumerate([0.5, 0.2, 0.9]):
+            mgr.save(step, args=_args(step), metrics={"val_loss": loss})
+    assert step_dirs(ckpt_dir) == {"1"}
+    with ocp.CheckpointManager(ckpt_dir) as plain:
+        assert plain.all_steps() == [1]
+
+
+def test_model_item_restores_with_plain_orbax_bit_for_bit(ckpt_dir: Path, model: TinyMLP) -> None:
+    state = nnx.to_pure_dict(nnx.state(model))
+    with MetricCheckpointManager(ckpt_dir, filename=TEMPLATE, monitor="val/loss") as mgr:
+        mgr.save(0, args=ocp.args.Composite(model=ocp.args.StandardSave(state)),
+                 metrics={"val/loss": 0.25})  # fmt: skip
+        mgr.wait_until_finished()
+        path = mgr.step_path(0)
+    assert path.name == "model-00-0.2500"
+    restored = ocp.StandardCheckpointer().restore(path / "model")
+    assert_trees_equal(restored, state)
+
+
+def test_metrics_accept_numpy_and_jax_scalars_and_store_floats(ckpt_dir: Path) -> None:
+    with MetricCheckpointManager(ckpt_dir) as mgr:
+        metrics = {"val_loss": jnp.float32(0.5), "n": np.int64(3), "a": np.array([2.0])}
+        mgr.save(0, args=_args(0), metrics=metrics)
+        mgr.wait_until_finished()
+        assert mgr.metrics(0) == {"val_loss": 0.5, "n": 3.0, "a": 2.0}
+        assert mgr.score(0) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("metrics", "words"),
+    [
+        ({"loss": 1.0}, ["'val_loss'", "missing", "['loss']"]),
+        ({"val_loss": "low"}, ["'val_loss'", "'low'"]),
+        ({"val_loss": None}, ["'val_loss'", "None"]),
+        ({"val_loss": np.ones(3)}, ["'val_loss'", "shape (3,)"]),
+        ({"val_loss": 0.1, "extra": [1, 2]}, ["'extra'", "list"]),
+    ],
+)
+def test_bad_metrics_raise_and_write_nothing(
+    ckpt_dir: Path, metrics: dict[str, object], words: list[str]
+) -> None:
+    with MetricCheckpointManager(ckpt_dir) as mgr:
+        with pytest.raises(MetricError) as info:
+            mgr.save(0, args=_args(0), metrics=metrics)
+        assert mgr.all_steps() == []
+    for word in words:
+        assert word in str(info.value)
+    assert step_dirs(ckpt_dir) == set()
+
+
+def test_step_errors(ckpt_dir: Path) -> None:
+    with MetricCheckpointManager(ckpt_dir) as mgr:
+        with pytest.raises(StepError, match=r"step=-1.*>= 0"):
+            mgr.save(-1, args=_args(0), metrics={"val_loss": 1.0})
+        mgr.save(4, args=_args(4), metrics={"val_loss": 1.0})
+        for old in (4, 2):
+            with pytest.raises(StepError, match=rf"step {old} is not newer.*step 4"):
+                mgr.save(old, args=_args(old), metrics={"val_loss": 0.1}, force=True)
+        with pytest.raises(CheckpointNotFoundError, match=r"step 3.*retained steps: \[4\]"):
+            mgr.restore(3)
+        with pytest.raises(CheckpointNotFoundError, match="step 9"):
+            mgr.step_path(9)
+    assert step_dirs(ckpt_dir) == {"4"}
+
+
+def test_retention_options_are_refused(ckpt_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"options.max_to_keep=2.*save_top_k"):
+        MetricCheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+
+def test_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(ConfigError, match="existing file"):
+        MetricCheckpointManager(file)
+    assert file.read_text() == "x"
+
+
+def test_keep_last_false_skips_saves_that_would_be_deleted(ckpt_dir: Path) -> None:
+    with MetricCheckpointManager(ckpt_dir, save_top_k=2, keep_last=False) as mgr:
+        written = [
+            mgr.save(s, args=_args(s), metrics={"val_loss": v})
+            for s, v in enumerate([0.5, 0.4, 0.9, math.nan, 0.1])
+        ]
+    assert written == [True, True, False, False, True]
+    assert step_dirs(ckpt_dir) == {"1", "4"}
+
+
+def test_all_nan_means_no_best(ckpt_dir: Path) -> None:
+    with MetricCheckpointManager(ckpt_dir, save_top_k=2) as mgr:
+        for step in range(3):
+            mgr.save(step, args=_args(step), metrics={"val_loss": math.nan})
+        assert mgr.best_step() is None
+        assert mgr.latest_step() == 2
+        assert math.isnan(mgr.score(2) or 0.0)
+
+
+def test_save_without_metrics_is_unscored_and_ranks_worst(ckpt_dir: Path) -> None:
+    with MetricCheckpointManager(ckpt_dir, save_top_k=1) as mgr:
+        mgr.save(0, args=_args(0), metrics={"val_loss": 0.3})
+        mgr.save(1, args=_args(1))
+        mgr.save(2, args=_args(2))
+        assert sorted(mgr.all_steps()) == [0, 2]
+        assert mgr.best_step() == 0
+        assert mgr.score(2) is None
+
+
+def test_custom_loop_restores_best_with_orbax_args(ckpt_dir: Path) -> None:
+    with MetricCheckpointManager(ckpt_dir, mode="max", monitor="acc", save_top_k=2) as mgr:
+        for step, acc in enumerate([0.1, 0.8, 0.3, 0.2]):
+            mgr.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({"w": np.full(3, step, np.float32)}),
+                    extra=ocp.args.JsonSave({"step": step}),
+                ),
+                metrics={"acc": acc},
+                custom_metadata={"lr": np.float32(0.5)},
+            )
+        best = mgr.best_step()
+        restored = mgr.restore(best, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore({"w": np.zeros(3, np.float32)}),
+            extra=ocp.args.JsonRestore(),
+        ))  # fmt: skip
+    assert best == 1
+    np.testing.assert_array_equal(restored.state["w"], np.full(3, 1, np.float32))
+    assert restored.extra == {"step": 1}
