@@ -19,8 +19,17 @@ def tests(session: nox.Session) -> None:
 def reliability(session: nox.Session) -> None:
     """Slow fault-injection trials (SIGKILL, full disk) marked `slow`."""
     session.install("-e", ".[test]")
-    session.run("python", "-m", "pytest", "-q", "-m", "slow", "--run-slow", "tests/reliability",
-                *session.posargs)  # fmt: skip
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "slow",
+        "--run-slow",
+        "tests/reliability",
+        *session.posargs,
+    )
 
 
 @nox.session

@@ -57,7 +57,7 @@ def test_seed_basic_example(tmp_path: Path) -> None:
     checkpoint = ModelCheckpoint(
         CheckpointConfig(
             dirpath=tmp_path / "checkpoints", monitor="val_loss", mode="min", save_top_k=3
-        )  # fmt: skip
+        )
     )
     trainer = make_trainer(epochs=5)
     trainer.fit(callbacks=[checkpoint])
@@ -75,10 +75,13 @@ def test_seed_basic_example(tmp_path: Path) -> None:
 def test_seed_accuracy_max_example(tmp_path: Path) -> None:
     checkpoint = ModelCheckpoint(
         CheckpointConfig(
-            dirpath=tmp_path, monitor="val_accuracy", mode="max", save_top_k=1,
+            dirpath=tmp_path,
+            monitor="val_accuracy",
+            mode="max",
+            save_top_k=1,
             filename="best-model-{epoch:02d}-{val_accuracy:.4f}",
         )
-    )  # fmt: skip
+    )
     accuracies = [0.5, 0.9, 0.7, 0.8]
     make_trainer(epochs=4).fit(callbacks=[ScriptedMetric("val_accuracy", accuracies), checkpoint])
     assert step_dirs(tmp_path) == {"best-model-01-0.9000", "best-model-03-0.8000"}
@@ -175,8 +178,9 @@ def test_nan_first_then_improving(tmp_path: Path) -> None:
 
 
 def test_inf_never_becomes_best(tmp_path: Path) -> None:
-    config = CheckpointConfig(dirpath=tmp_path, mode="max", monitor="acc", save_top_k=1,
-                              filename="m-{epoch}")  # fmt: skip
+    config = CheckpointConfig(
+        dirpath=tmp_path, mode="max", monitor="acc", save_top_k=1, filename="m-{epoch}"
+    )
     checkpoint = ModelCheckpoint(config)
     make_trainer(epochs=3).fit(callbacks=[ScriptedMetric("acc", [0.2, math.inf, 0.1]), checkpoint])
     assert checkpoint.best_score == 0.2
@@ -184,8 +188,9 @@ def test_inf_never_becomes_best(tmp_path: Path) -> None:
 
 
 def test_ineligible_epochs_do_not_read_the_monitor(tmp_path: Path) -> None:
-    config = CheckpointConfig(dirpath=tmp_path, every_n_epochs=2, save_last=False,
-                              filename="m-{epoch}")  # fmt: skip
+    config = CheckpointConfig(
+        dirpath=tmp_path, every_n_epochs=2, save_last=False, filename="m-{epoch}"
+    )
     checkpoint = ModelCheckpoint(config)
     values: list[Any] = [Untouchable(), 0.5, Untouchable(), 0.4]
     make_trainer(epochs=4).fit(callbacks=[ScriptedMetric("val_loss", values), checkpoint])

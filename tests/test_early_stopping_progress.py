@@ -68,9 +68,13 @@ def test_missing_monitor_is_named() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "word"),
-    [({"patience": -1}, "patience"), ({"mode": "up"}, "mode"), ({"min_delta": -0.1}, "min_delta"),
-     ({"monitor": ""}, "monitor")],
-)  # fmt: skip
+    [
+        ({"patience": -1}, "patience"),
+        ({"mode": "up"}, "mode"),
+        ({"min_delta": -0.1}, "min_delta"),
+        ({"monitor": ""}, "monitor"),
+    ],
+)
 def test_config_errors(kwargs: dict[str, Any], word: str) -> None:
     with pytest.raises(ConfigError, match=word):
         EarlyStoppingConfig(**kwargs)

@@ -97,8 +97,11 @@ def test_no_template_uses_orbax_numeric_names(ckpt_dir: Path) -> None:
 def test_model_item_restores_with_plain_orbax_bit_for_bit(ckpt_dir: Path, model: TinyMLP) -> None:
     state = nnx.to_pure_dict(nnx.state(model))
     with MetricCheckpointManager(ckpt_dir, filename=TEMPLATE, monitor="val/loss") as mgr:
-        mgr.save(0, args=ocp.args.Composite(model=ocp.args.StandardSave(state)),
-                 metrics={"val/loss": 0.25})  # fmt: skip
+        mgr.save(
+            0,
+            args=ocp.args.Composite(model=ocp.args.StandardSave(state)),
+            metrics={"val/loss": 0.25},
+        )
         mgr.wait_until_finished()
         path = mgr.step_path(0)
     assert path.name == "model-00-0.2500"
@@ -207,10 +210,13 @@ def test_custom_loop_restores_best_with_orbax_args(ckpt_dir: Path) -> None:
                 custom_metadata={"lr": np.float32(0.5)},
             )
         best = mgr.best_step()
-        restored = mgr.restore(best, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore({"w": np.zeros(3, np.float32)}),
-            extra=ocp.args.JsonRestore(),
-        ))  # fmt: skip
+        restored = mgr.restore(
+            best,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore({"w": np.zeros(3, np.float32)}),
+                extra=ocp.args.JsonRestore(),
+            ),
+        )
     assert best == 1
     np.testing.assert_array_equal(restored.state["w"], np.full(3, 1, np.float32))
     assert restored.extra == {"step": 1}

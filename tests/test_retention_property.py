@@ -72,9 +72,13 @@ def test_disk_and_best_step_match_reference(
         root = Path(tmp) / "run"
         retained: list[tuple[int, float]] = []
         with MetricCheckpointManager(
-            root, monitor="val_loss", mode=mode, save_top_k=k, keep_last=keep_last,
+            root,
+            monitor="val_loss",
+            mode=mode,
+            save_top_k=k,
+            keep_last=keep_last,
             filename=TEMPLATE,
-        ) as mgr:  # fmt: skip
+        ) as mgr:
             for step, value in enumerate(values):
                 candidates = [*retained, (step, value)]
                 keep = _reference_keep(candidates, k, keep_last, mode)
