@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from artifex_ckpt.errors import (
     CheckpointNotFoundError,
     CheckpointSaveError,
     ConfigError,
+    CorruptCheckpointWarning,
     StepError,
 )
 from artifex_ckpt.metrics import jsonable, normalise_metrics
@@ -239,6 +241,20 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             step = self.latest_step() if step is None else step
             self._require_retained(step)
         return super().restore(step, items, restore_kwargs, directory=directory, args=args)
+
+    def metrics(self, step: int) -> Any:
+        """Metrics stored with `step`; unreadable ones warn and count as missing."""
+        try:
+            return super().metrics(step)
+        except ValueError as err:
+            warnings.warn(
+                CorruptCheckpointWarning(
+                    f"metrics of checkpoint {self.directory / self._step_names.build_name(step)} "
+                    f"cannot be read ({err}); it is treated as unscored"
+                ),
+                stacklevel=2,
+            )
+            return None
 
     def best_step(self) -> int | None:
         """The best retained step; None if no retained step has a finite score."""

@@ -17,7 +17,7 @@ from artifex_ckpt.errors import CheckpointNotFoundError, ConfigError, WeightsOnl
 __all__ = ["LossFn", "Trainer"]
 
 # loss_fn(model, batch) -> loss, or (loss, {"name": metric, ...})
-LossFn = Callable[[nnx.Module, Any], jax.Array | tuple[jax.Array, Mapping[str, jax.Array]]]
+LossFn = Callable[[Any, Any], jax.Array | tuple[jax.Array, Mapping[str, jax.Array]]]
 Batches = Iterable[Any] | Callable[[int], Iterable[Any]]
 
 
