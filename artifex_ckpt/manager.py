@@ -9,6 +9,7 @@ clear errors, and template-named step directories.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -37,6 +38,7 @@ from artifex_ckpt.settings import RetentionSettings
 
 __all__ = ["MetricCheckpointManager"]
 
+_TRASH = ".artifex-deleted"
 # Retention and naming belong to the manager; an options object setting them too
 # would silently fight it.
 _OWNED_OPTIONS = (
@@ -127,9 +129,15 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             super().__init__(root, options=self._own_options(options), **orbax_kwargs)
         except PermissionError as err:
             raise ConfigError(f"directory {os.fspath(root)!r} is not writable: {err}") from err
-        is_primary = jax.process_index() == (self._multiprocessing_options.primary_host or 0)
-        if is_primary and not self._options.read_only and RetentionSettings.load(root) != settings:
+        self._is_writer = not self._options.read_only and jax.process_index() == (
+            self._multiprocessing_options.primary_host or 0
+        )
+        if self._is_writer and RetentionSettings.load(root) != settings:
             settings.store(root)
+        # Leftovers of a crashed run (unfinished saves, half-finished deletions) go now,
+        # so the directory is clean before the first save.
+        self._maybe_await_cleanup_tmp_directory()
+        self._purge_deleted()
 
     @classmethod
     def from_config(
@@ -214,6 +222,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         step, self._in_flight = self._in_flight, None
         try:
             super().wait_until_finished()
+            self._purge_deleted()
         except Exception as err:
             name = (
                 self._name_format.build_name(step)
@@ -296,7 +305,19 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             preservation_policy=self._retention,
             step_name_format=self._step_names,
             cleanup_tmp_directories=not options.read_only,
+            todelete_subdir=options.todelete_subdir or _TRASH,
         )
+
+    def _purge_deleted(self) -> None:
+        # Orbax deletes a step file by file; a crash midway would leave a directory
+        # with a valid name but missing files. Evicted steps are therefore renamed
+        # into _TRASH (atomic) and only then removed here, once nothing is in flight.
+        trash = self.directory / _TRASH
+        if self._is_writer and self._options.todelete_subdir == _TRASH and trash.exists():
+            for entry in trash.iterdir():
+                entry.rmtree(missing_ok=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a background delete may be renaming into it
+                trash.rmdir()
 
     def _infos(self) -> Sequence[ocm.PolicyCheckpointInfo]:
         # Orbax's in-memory view of the directory (including a save in flight): the
