@@ -125,15 +125,15 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         )
         self._step_names = self._name_format or step_lib.standard_name_format()
         self._in_flight: int | None = None
-        try:
-            super().__init__(root, options=self._own_options(options), **orbax_kwargs)
-        except PermissionError as err:
-            raise ConfigError(f"directory {os.fspath(root)!r} is not writable: {err}") from err
+        own_options = self._own_options(options)
+        if not own_options.read_only:
+            _require_writable(root)
+        super().__init__(root, options=own_options, **orbax_kwargs)
         self._is_writer = not self._options.read_only and jax.process_index() == (
             self._multiprocessing_options.primary_host or 0
         )
-        if self._is_writer and RetentionSettings.load(root) != settings:
-            settings.store(root)
+        # Written with the first save, so a mistake caught before it leaves no trace.
+        self._settings_unsaved = RetentionSettings.load(root) != settings
         # Leftovers of a crashed run (unfinished saves, half-finished deletions) go now,
         # so the directory is clean before the first save.
         self._maybe_await_cleanup_tmp_directory()
@@ -190,10 +190,13 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         custom_metadata = jsonable(custom_metadata) if custom_metadata is not None else None
         if not force and not self._settings.keep_last and not self._enters_retention(step, floats):
             return False
+        if not force and not self.should_save(step):
+            return False
         if self._name_format is not None:
             global_step = (custom_metadata or {}).get("global_step", step)
             name = self._name_format.template.render(epoch=step, metrics=floats, step=global_step)
             self._name_format.remember(step, name)
+        self._prepare_directory()
         try:
             saved = super().save(
                 step,
@@ -305,8 +308,15 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             preservation_policy=self._retention,
             step_name_format=self._step_names,
             cleanup_tmp_directories=not options.read_only,
+            create=False,
             todelete_subdir=options.todelete_subdir or _TRASH,
         )
+
+    def _prepare_directory(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._settings_unsaved and self._is_writer:
+            self._settings.store(self.directory)
+        self._settings_unsaved = False
 
     def _purge_deleted(self) -> None:
         # Orbax deletes a step file by file; a crash midway would leave a directory
@@ -352,3 +362,16 @@ class MetricCheckpointManager(ocp.CheckpointManager):
     def _forget_name(self, step: int | None) -> None:
         if self._name_format is not None and step is not None:
             self._name_format.forget(step)
+
+
+def _require_writable(directory: epath.Path) -> None:
+    """Fail now, not after an epoch, if `directory` can never be created or written."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    reason = "is not a directory" if not existing.is_dir() else "is not writable"
+    raise ConfigError(
+        f"directory {os.fspath(directory)!r} is not writable: {os.fspath(existing)!r} {reason}"
+    )

@@ -70,11 +70,20 @@ def test_reopened_manager_keeps_applying_stored_retention(ckpt_dir: Path) -> Non
     assert step_dirs(ckpt_dir) == {"model-01-0.4000", "model-03-0.6000"}
 
 
-def test_explicit_argument_overrides_and_is_stored(ckpt_dir: Path) -> None:
+def test_explicit_argument_overrides_and_is_stored_with_the_next_save(ckpt_dir: Path) -> None:
     _fill(ckpt_dir, [0.9], save_top_k=1)
-    MetricCheckpointManager(ckpt_dir, save_top_k=5).close()
+    with MetricCheckpointManager(ckpt_dir, save_top_k=5) as mgr:
+        assert mgr.settings.save_top_k == 5
+        assert json.loads((ckpt_dir / SETTINGS_FILE).read_text())["save_top_k"] == 1
+        mgr.save(1, args=_args(1), metrics={"val/loss": 0.5})
     stored = json.loads((ckpt_dir / SETTINGS_FILE).read_text())
     assert stored["save_top_k"] == 5 and stored["filename"] == TEMPLATE
+
+
+def test_nothing_is_created_before_the_first_save(tmp_path: Path) -> None:
+    with MetricCheckpointManager(tmp_path / "a" / "b", filename="m-{epoch}") as mgr:
+        assert mgr.all_steps() == [] and mgr.best_step() is None
+    assert not (tmp_path / "a").exists()
 
 
 def test_different_template_is_refused_and_nothing_changes(ckpt_dir: Path) -> None:

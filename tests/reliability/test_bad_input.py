@@ -1,0 +1,229 @@
+"""Bad input of every kind: a clear error naming the culprit, and nothing on disk changes."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from artifex_ckpt import (
+    CheckpointConfig,
+    CheckpointNotFoundError,
+    ConfigError,
+    EarlyStoppingConfig,
+    MetricCheckpointManager,
+    MetricError,
+    ModelCheckpoint,
+    SettingsMismatchError,
+    StepError,
+    Trainer,
+    WeightsOnlyError,
+    load_checkpoint,
+)
+from tests.training import batches, make_trainer, mse_loss
+
+TEMPLATE = "m-{epoch:02d}-{val_loss:.3f}"
+
+
+class Case(NamedTuple):
+    action: Callable[[Path], Any]
+    error: type[BaseException]
+    words: tuple[str, ...]
+
+
+def _config(root: Path, **kwargs: Any) -> CheckpointConfig:
+    return CheckpointConfig(dirpath=root / "run", filename=TEMPLATE, **kwargs)
+
+
+def _manager(root: Path) -> MetricCheckpointManager:
+    return MetricCheckpointManager(root / "run")
+
+
+def _save(root: Path, step: int = 9, **metrics: Any) -> None:
+    with _manager(root) as manager:
+        args = ocp.args.StandardSave({"w": np.zeros(2, np.float32)})
+        manager.save(step, args=args, metrics=metrics or {"val_loss": 0.1})
+
+
+def _load(root: Path, step: Any, optimizer: bool = False, folder: str = "run") -> None:
+    trainer = make_trainer(epochs=1, seed=5)
+    with MetricCheckpointManager(root / folder) as manager:
+        opt = trainer.optimizer if optimizer else None
+        load_checkpoint(manager, trainer.model, step, optimizer=opt)
+
+
+def _load_into_other_architecture(root: Path) -> None:
+    other = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+    with _manager(root) as manager:
+        load_checkpoint(manager, other, 1)
+
+
+def _fit(root: Path, config: CheckpointConfig, **fit: Any) -> None:
+    make_trainer(epochs=3).fit(callbacks=[ModelCheckpoint(config)], **fit)
+
+
+CASES: dict[str, Case] = {
+    # config: every field
+    "dirpath is a file": Case(
+        lambda r: CheckpointConfig(dirpath=r / "a-file"), ConfigError, ("dirpath", "existing file")
+    ),
+    "dirpath empty": Case(lambda r: CheckpointConfig(dirpath=""), ConfigError, ("dirpath", "''")),
+    "filename None": Case(lambda r: CheckpointConfig(filename=None), ConfigError, ("filename",)),  # type: ignore[arg-type]
+    "monitor empty": Case(lambda r: CheckpointConfig(monitor=""), ConfigError, ("monitor", "''")),
+    "mode median": Case(
+        lambda r: CheckpointConfig(mode="median"), ConfigError, ("mode", "'median'")
+    ),  # type: ignore[arg-type]
+    "save_top_k -5": Case(
+        lambda r: CheckpointConfig(save_top_k=-5), ConfigError, ("save_top_k", "-5")
+    ),
+    "save_top_k str": Case(
+        lambda r: CheckpointConfig(save_top_k="3"), ConfigError, ("save_top_k", "'3'")
+    ),  # type: ignore[arg-type]
+    "save_last None": Case(
+        lambda r: CheckpointConfig(save_last=None), ConfigError, ("save_last", "None")
+    ),  # type: ignore[arg-type]
+    "every_n_epochs 0": Case(
+        lambda r: CheckpointConfig(every_n_epochs=0), ConfigError, ("every_n_epochs", "0")
+    ),
+    "save_weights_only str": Case(
+        lambda r: CheckpointConfig(save_weights_only="no"),
+        ConfigError,
+        ("save_weights_only", "'no'"),  # type: ignore[arg-type]
+    ),
+    # templates
+    "template unknown placeholder": Case(
+        lambda r: _fit(r, CheckpointConfig(dirpath=r / "new", filename="m-{epoch}-{fid:.2f}")),
+        MetricError,
+        ("'fid'", "missing", "val_loss"),
+    ),
+    "template bad spec": Case(
+        lambda r: CheckpointConfig(filename="m-{epoch}-{val_loss:d}"),
+        ConfigError,
+        ("'d'", "val_loss"),
+    ),
+    "template no epoch": Case(
+        lambda r: CheckpointConfig(filename="m-{val_loss:.2f}"), ConfigError, ("no {epoch}",)
+    ),
+    "template unbalanced": Case(
+        lambda r: CheckpointConfig(filename="m-{epoch"), ConfigError, ("does not parse",)
+    ),
+    "template positional": Case(
+        lambda r: CheckpointConfig(filename="m-{epoch}-{}"), ConfigError, ("positional",)
+    ),
+    "template unreadable epoch": Case(
+        lambda r: CheckpointConfig(filename="m-{epoch:>5}"), ConfigError, ("read back", "'>5'")
+    ),
+    # metrics
+    "metric missing": Case(lambda r: _save(r, loss=0.1), MetricError, ("'val_loss'", "['loss']")),
+    "metric string": Case(lambda r: _save(r, val_loss="low"), MetricError, ("'val_loss'", "'low'")),
+    "metric array": Case(
+        lambda r: _save(r, val_loss=np.ones(4)), MetricError, ("'val_loss'", "shape (4,)")
+    ),
+    "metric None": Case(lambda r: _save(r, val_loss=None), MetricError, ("'val_loss'", "None")),
+    "metric in logs missing": Case(
+        lambda r: _fit(r, CheckpointConfig(dirpath=r / "new", monitor="val_psnr")),
+        MetricError,
+        ("'val_psnr'", "val_loss"),
+    ),
+    # paths
+    "path is a file": Case(
+        lambda r: MetricCheckpointManager(r / "a-file"), ConfigError, ("existing file",)
+    ),
+    "path not writable": Case(
+        lambda r: MetricCheckpointManager(r / "a-file" / "sub"), ConfigError, ("not writable",)
+    ),
+    # steps
+    "step negative": Case(lambda r: _save(r, step=-1), StepError, ("step=-1", ">= 0")),
+    "step not an int": Case(lambda r: _save(r, step="3"), StepError, ("step='3'",)),  # type: ignore[arg-type]
+    "step already exists": Case(lambda r: _save(r, step=1), StepError, ("step 1", "not newer")),
+    "step older than newest": Case(lambda r: _save(r, step=0), StepError, ("step 0", "not newer")),
+    "fresh start on used dir": Case(
+        lambda r: _fit(r, _config(r)), StepError, ("up to epoch 1", "resume=True")
+    ),
+    # restore
+    "restore wrong step": Case(
+        lambda r: _load(r, 7), CheckpointNotFoundError, ("step 7", "[0, 1]")
+    ),
+    "restore bad step spec": Case(lambda r: _load(r, "first"), ValueError, ("'first'", "'best'")),
+    "restore wrong tree": Case(_load_into_other_architecture, ValueError, ("do not match",)),
+    "restore weights-only optimizer": Case(
+        lambda r: _load(r, "latest", optimizer=True, folder="weights"),
+        WeightsOnlyError,
+        ("weights only",),
+    ),
+    "resume from weights-only": Case(
+        lambda r: _fit(r, CheckpointConfig(dirpath=r / "weights", filename=TEMPLATE), resume=True),
+        WeightsOnlyError,
+        ("cannot resume", "weights"),
+    ),
+    "resume without callback": Case(
+        lambda r: make_trainer(epochs=2).fit(callbacks=[], resume=True),
+        ConfigError,
+        ("resume=True", "ModelCheckpoint"),
+    ),
+    # managers
+    "two templates one directory": Case(
+        lambda r: MetricCheckpointManager(r / "run", filename="other-{epoch}"),
+        SettingsMismatchError,
+        ("other-{epoch}", TEMPLATE),
+    ),
+    "orbax retention option": Case(
+        lambda r: MetricCheckpointManager(
+            r / "run", options=ocp.CheckpointManagerOptions(max_to_keep=1)
+        ),
+        ConfigError,
+        ("max_to_keep", "save_top_k"),
+    ),
+    "early stopping patience": Case(
+        lambda r: EarlyStoppingConfig(patience=-1), ConfigError, ("patience", "-1")
+    ),
+    "trainer epochs": Case(
+        lambda r: Trainer(
+            nnx.Linear(4, 2, rngs=nnx.Rngs(0)), None, mse_loss, batches(1, 0), epochs=0
+        ),  # type: ignore[arg-type]
+        ConfigError,
+        ("epochs", "0"),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of two epochs, a weights-only run, and a plain file."""
+    base = tmp_path_factory.mktemp("prepared")
+    make_trainer(epochs=2).fit(callbacks=[ModelCheckpoint(_config(base))])
+    weights = CheckpointConfig(dirpath=base / "weights", filename=TEMPLATE, save_weights_only=True)
+    make_trainer(epochs=2).fit(callbacks=[ModelCheckpoint(weights)])
+    (base / "a-file").write_text("not a directory")
+    return base
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_there_are_at_least_thirty_cases() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input(prepared: Path, tmp_path: Path, name: str) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(prepared, root)
+    before = _snapshot(root)
+    case = CASES[name]
+    with pytest.raises(case.error) as info:
+        case.action(root)
+    for word in case.words:
+        assert word in str(info.value), (word, str(info.value))
+    assert _snapshot(root) == before
