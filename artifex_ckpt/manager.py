@@ -31,7 +31,7 @@ from artifex_ckpt.errors import (
     CorruptCheckpointWarning,
     StepError,
 )
-from artifex_ckpt.metrics import jsonable, normalise_metrics
+from artifex_ckpt.metrics import jsonable, monitored_value, normalise_metrics, to_float
 from artifex_ckpt.naming import FilenameTemplate, TemplateNameFormat
 from artifex_ckpt.policies import EveryNEpochs, MetricRanking, RetainedOnArrival, retention_policy
 from artifex_ckpt.settings import RetentionSettings
@@ -39,6 +39,8 @@ from artifex_ckpt.settings import RetentionSettings
 __all__ = ["MetricCheckpointManager"]
 
 _TRASH = ".artifex-deleted"
+# Marks "metrics not given" apart from "no metrics" (None) in `should_save`.
+_UNSCORED: Any = object()
 # Retention and naming belong to the manager; an options object setting them too
 # would silently fight it.
 _OWNED_OPTIONS = (
@@ -188,9 +190,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         self._check_new_step(step)
         floats = normalise_metrics(metrics, self._settings.monitor)
         custom_metadata = jsonable(custom_metadata) if custom_metadata is not None else None
-        if not force and not self._settings.keep_last and not self._enters_retention(step, floats):
-            return False
-        if not force and not self.should_save(step):
+        if not force and not self.should_save(step, floats):
             return False
         if self._name_format is not None:
             global_step = (custom_metadata or {}).get("global_step", step)
@@ -215,6 +215,23 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         else:
             self._forget_name(step)
         return saved
+
+    def should_save(self, step: int, metrics: Any = _UNSCORED) -> bool:
+        """Orbax's save decision for `step`; given `metrics`, also the retention check.
+
+        With `keep_last=False`, a checkpoint that would not enter the top k is not
+        worth writing. Pass the metrics (a mapping, or None for an unscored save) to
+        ask before building the save arguments; only the monitored value is read.
+        Orbax's own call, without metrics, gets Orbax's answer alone.
+        """
+        if metrics is not _UNSCORED and not self._settings.keep_last:
+            monitor = self._settings.monitor
+            score = None
+            if metrics is not None:
+                score = {monitor: to_float(monitor, monitored_value(metrics, monitor))}
+            if not self._enters_retention(step, score):
+                return False
+        return super().should_save(step)
 
     def wait_until_finished(self) -> None:
         """Block until the pending save commits; a failed background save raises here.

@@ -10,7 +10,7 @@ import numpy as np
 
 from artifex_ckpt.errors import MetricError
 
-__all__ = ["jsonable", "normalise_metrics", "to_float"]
+__all__ = ["jsonable", "monitored_value", "normalise_metrics", "to_float"]
 
 
 def to_float(name: str, value: object) -> float:
@@ -44,11 +44,17 @@ def normalise_metrics(
         return None
     if not isinstance(metrics, Mapping):
         raise MetricError(f"metrics={metrics!r} is not a mapping; pass a dict of name -> number")
+    monitored_value(metrics, monitor)
+    return {str(name): to_float(str(name), value) for name, value in metrics.items()}
+
+
+def monitored_value(metrics: Mapping[str, object], monitor: str) -> object:
+    """`metrics[monitor]`, or a `MetricError` naming the monitor and the keys present."""
     if monitor not in metrics:
         raise MetricError(
             f"monitored metric {monitor!r} is missing; metrics given: {sorted(metrics)}"
         )
-    return {str(name): to_float(str(name), value) for name, value in metrics.items()}
+    return metrics[monitor]
 
 
 def jsonable(tree: Any) -> Any:

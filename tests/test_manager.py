@@ -229,3 +229,14 @@ def test_custom_loop_restores_best_with_orbax_args(ckpt_dir: Path) -> None:
     assert best == 1
     np.testing.assert_array_equal(restored.state["w"], np.full(3, 1, np.float32))
     assert restored.extra == {"step": 1}
+
+
+def test_should_save_with_metrics_answers_before_any_state_is_built(ckpt_dir: Path) -> None:
+    with MetricCheckpointManager(ckpt_dir, save_top_k=1, keep_last=False) as mgr:
+        mgr.save(0, args=_args(0), metrics={"val_loss": 0.5})
+        assert mgr.should_save(1) is True  # Orbax's own decision: a newer step
+        assert mgr.should_save(1, {"val_loss": jnp.float32(0.9)}) is False
+        assert mgr.should_save(1, {"val_loss": 0.1, "other": "ignored"}) is True
+        assert mgr.should_save(1, None) is False  # unscored never enters a full top k
+        with pytest.raises(MetricError, match="'val_loss' is missing"):
+            mgr.should_save(1, {"loss": 0.1})

@@ -103,6 +103,9 @@ class ModelCheckpoint(BaseCallback):
         self._manager.wait_until_finished()
 
     def _save(self, trainer: TrainerLike, epoch: int, logs: Logs, *, force: bool) -> bool:
+        # Ask first: a checkpoint that would not be kept costs no state gathering.
+        if not force and not self._manager.should_save(epoch, logs):
+            return False
         global_step = getattr(trainer, "step", epoch)
         state: dict[str, Any] = {"epoch": epoch, "global_step": global_step, "logs": dict(logs)}
         args = checkpoint_args(
