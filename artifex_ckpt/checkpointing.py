@@ -30,6 +30,7 @@ __all__ = [
     "checkpoint_args",
     "load_checkpoint",
     "read_trainer_state",
+    "restore_checkpoint",
     "save_checkpoint",
     "setup_checkpoint_manager",
 ]
@@ -123,12 +124,24 @@ def load_checkpoint(
         load_checkpoint(manager, model, "best")
         ```
     """
+    restore_checkpoint(manager, model, step, optimizer=optimizer)
+    return model
+
+
+def restore_checkpoint(
+    manager: MetricCheckpointManager,
+    model: nnx.Module,
+    step: StepSpec = None,
+    *,
+    optimizer: nnx.Optimizer | None = None,
+) -> int:
+    """`load_checkpoint`, returning the step that was restored (after any fallback)."""
     manager.wait_until_finished()
     candidates = _candidates(manager, step)
     for index, candidate in enumerate(candidates):
         try:
             _restore_into(manager, candidate, model, optimizer)
-            return model
+            return candidate
         except WeightsOnlyError:
             raise
         except Exception as err:
@@ -139,7 +152,7 @@ def load_checkpoint(
                     f"checkpoint {manager.step_path(candidate)} failed to restore "
                     f"({type(err).__name__}: {err}); trying step {candidates[index + 1]}"
                 ),
-                stacklevel=2,
+                stacklevel=3,
             )
     raise AssertionError("unreachable: _candidates never returns an empty list")
 

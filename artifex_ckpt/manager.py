@@ -105,7 +105,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         options: ocp.CheckpointManagerOptions | None = None,
         **orbax_kwargs: Any,
     ) -> None:
-        root = epath.Path(directory)
+        root = _absolute(directory)
         if root.exists() and not root.is_dir():
             raise ConfigError(
                 f"directory {os.fspath(root)!r} is an existing file; pass a directory"
@@ -392,3 +392,9 @@ def _require_writable(directory: epath.Path) -> None:
     raise ConfigError(
         f"directory {os.fspath(directory)!r} is not writable: {os.fspath(existing)!r} {reason}"
     )
+
+
+def _absolute(directory: str | os.PathLike[str] | epath.Path) -> epath.Path:
+    # Orbax refuses relative paths, and only when the first save runs in the background.
+    text = os.fspath(directory)
+    return epath.Path(text if "://" in text else os.path.abspath(text))

@@ -11,8 +11,8 @@ from flax import nnx
 
 from artifex_ckpt.callbacks.base import BaseCallback, CallbackList
 from artifex_ckpt.callbacks.checkpoint import ModelCheckpoint
-from artifex_ckpt.checkpointing import load_checkpoint, read_trainer_state
-from artifex_ckpt.errors import CheckpointNotFoundError, ConfigError, WeightsOnlyError
+from artifex_ckpt.checkpointing import read_trainer_state, restore_checkpoint
+from artifex_ckpt.errors import ConfigError, WeightsOnlyError
 
 __all__ = ["LossFn", "Trainer"]
 
@@ -134,19 +134,13 @@ class Trainer:
         if not checkpoints:
             raise ConfigError("fit(resume=True) needs a ModelCheckpoint among the callbacks")
         manager = checkpoints[0].manager
-        manager.wait_until_finished()
-        latest = manager.latest_step()
-        if latest is None:
-            raise CheckpointNotFoundError(f"fit(resume=True): no checkpoint in {manager.directory}")
-        state = read_trainer_state(manager, latest)
-        if state.get("weights_only"):
-            raise WeightsOnlyError(
-                f"cannot resume from {manager.step_path(latest)}: it holds model weights "
-                "only (save_weights_only=True), without optimizer state"
-            )
-        load_checkpoint(manager, self.model, latest, optimizer=self.optimizer)
+        try:
+            restored = restore_checkpoint(manager, self.model, "latest", optimizer=self.optimizer)
+        except WeightsOnlyError as err:
+            raise WeightsOnlyError(f"cannot resume training: {err}") from err
+        state = read_trainer_state(manager, restored)
         self.step = int(state.get("global_step", 0))
-        self.epoch = int(state.get("epoch", latest))
+        self.epoch = int(state.get("epoch", restored))
         return self.epoch + 1
 
 

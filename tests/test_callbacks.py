@@ -312,3 +312,14 @@ def test_unused_template_metric_fails_before_writing(tmp_path: Path) -> None:
     with pytest.raises(MetricError, match="'psnr'"):
         make_trainer(epochs=1).fit(callbacks=[checkpoint])
     assert step_dirs(tmp_path) == set()
+
+
+def test_relative_dirpath_saves_where_it_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    checkpoint = ModelCheckpoint(CheckpointConfig(dirpath="./checkpoints", save_top_k=1))
+    make_trainer(epochs=2).fit(callbacks=[checkpoint])
+    assert checkpoint.best_checkpoint_path is not None
+    assert checkpoint.best_checkpoint_path.parent == tmp_path / "checkpoints"
+    assert step_dirs(tmp_path / "checkpoints") == {p.name for _, p in checkpoint.saved_checkpoints}

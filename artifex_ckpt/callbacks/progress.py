@@ -29,11 +29,13 @@ _BATCH_REFRESH_SECONDS = 0.25
 
 @dataclass(frozen=True, slots=True)
 class ProgressBarConfig:
-    """Attributes:
-    show_eta: Show the estimated time remaining.
-    show_metrics: Show the latest batch and epoch metrics.
-    leave: Keep the bars on screen after training.
-    disable: Write nothing at all.
+    """How `ProgressBarCallback` looks.
+
+    Attributes:
+        show_eta: Show the estimated time remaining.
+        show_metrics: Show the latest batch and epoch metrics.
+        leave: Keep the bars on screen after training.
+        disable: Write nothing at all.
     """
 
     show_eta: bool = True
