@@ -8,6 +8,7 @@ a standard Orbax checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -169,7 +170,7 @@ def _candidates(manager: MetricCheckpointManager, step: StepSpec) -> list[int]:
     if step is None or step == "latest":
         found = steps
     elif step == "best":
-        found = [s for s in manager.ranked_steps() if _finite(manager.score(s))]
+        found = [s for s in manager.ranked_steps() if math.isfinite(manager.score(s) or math.nan)]
     else:
         raise ValueError(f"step={step!r} is not accepted; use an int, None, 'latest' or 'best'")
     if not found:
@@ -180,10 +181,6 @@ def _candidates(manager: MetricCheckpointManager, step: StepSpec) -> list[int]:
         )
         raise CheckpointNotFoundError(f"no {what} in {manager.directory}")
     return found
-
-
-def _finite(value: float | None) -> bool:
-    return value is not None and value == value and abs(value) != float("inf")
 
 
 def _restore_into(

@@ -41,12 +41,7 @@ class RetentionSettings:
     filename: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.monitor, str) or not self.monitor.strip():
-            raise ConfigError(
-                f"monitor={self.monitor!r} is empty; pass a metric name such as 'val_loss'"
-            )
-        if self.mode not in ("min", "max"):
-            raise ConfigError(f"mode={self.mode!r} is not accepted; use 'min' or 'max'")
+        require_monitor_and_mode(self.monitor, self.mode)
         require_int("save_top_k", self.save_top_k, minimum=-1, accepted="-1 (all), 0 or k > 0")
         if not isinstance(self.keep_last, bool):
             raise ConfigError(f"keep_last={self.keep_last!r} is not a bool; pass True or False")
@@ -96,3 +91,11 @@ def require_int(field: str, value: object, *, minimum: int, accepted: str) -> No
     """Raise `ConfigError` unless `value` is an int (not a bool) >= `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{field}={value!r} is not accepted; use {accepted}")
+
+
+def require_monitor_and_mode(monitor: object, mode: object) -> None:
+    """Raise `ConfigError` unless `monitor` names a metric and `mode` is min or max."""
+    if not isinstance(monitor, str) or not monitor.strip():
+        raise ConfigError(f"monitor={monitor!r} is empty; pass a metric name such as 'val_loss'")
+    if mode not in ("min", "max"):
+        raise ConfigError(f"mode={mode!r} is not accepted; use 'min' or 'max'")

@@ -9,7 +9,7 @@ from typing import Literal
 from artifex_ckpt.callbacks.base import BaseCallback, Logs, TrainerLike
 from artifex_ckpt.errors import ConfigError, MetricError
 from artifex_ckpt.metrics import to_float
-from artifex_ckpt.settings import require_int
+from artifex_ckpt.settings import require_int, require_monitor_and_mode
 
 __all__ = ["EarlyStopping", "EarlyStoppingConfig"]
 
@@ -37,10 +37,7 @@ class EarlyStoppingConfig:
     divergence_threshold: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.monitor, str) or not self.monitor.strip():
-            raise ConfigError(f"monitor={self.monitor!r} is empty; pass a metric name")
-        if self.mode not in ("min", "max"):
-            raise ConfigError(f"mode={self.mode!r} is not accepted; use 'min' or 'max'")
+        require_monitor_and_mode(self.monitor, self.mode)
         require_int("patience", self.patience, minimum=0, accepted="an integer >= 0")
         if not isinstance(self.min_delta, int | float) or not self.min_delta >= 0:
             raise ConfigError(f"min_delta={self.min_delta!r} is not accepted; use a number >= 0")
