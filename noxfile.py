@@ -17,19 +17,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def reliability(session: nox.Session) -> None:
-    """Slow fault-injection trials (SIGKILL, full disk) marked `slow`."""
+    """Slow fault-injection trials (20 SIGKILL runs) marked `slow`."""
     session.install("-e", ".[test]")
-    session.run(
-        "python",
-        "-m",
-        "pytest",
-        "-q",
-        "-m",
-        "slow",
-        "--run-slow",
-        "tests/reliability",
-        *session.posargs,
-    )
+    session.run("python", "-m", "pytest", "-q", "-m", "slow", "tests/reliability", *session.posargs)
 
 
 @nox.session

@@ -80,7 +80,8 @@ class ModelCheckpoint(BaseCallback):
             raise StepError(
                 f"{self._manager.directory} already holds checkpoints up to epoch {latest}, "
                 f"but training starts at epoch {first}, so no new checkpoint could be "
-                "written; resume with Trainer.fit(resume=True) or choose a new dirpath"
+                "written; resume with Trainer.fit(resume=True), choose a new dirpath, or (if "
+                "resuming fell back past a damaged newer checkpoint) move that one away"
             )
         self._last_epoch = None
 
