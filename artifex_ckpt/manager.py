@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -127,6 +128,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         )
         self._step_names = self._name_format or step_lib.standard_name_format()
         self._in_flight: int | None = None
+        self._saving = False
+        self._purger: threading.Thread | None = None
         own_options = self._own_options(options)
         if not own_options.read_only:
             _require_writable(root)
@@ -139,7 +142,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         # Leftovers of a crashed run (unfinished saves, half-finished deletions) go now,
         # so the directory is clean before the first save.
         self._maybe_await_cleanup_tmp_directory()
-        self._purge_deleted()
+        self._purge_deleted(remove_trash=True)
 
     @classmethod
     def from_config(
@@ -197,6 +200,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             name = self._name_format.template.render(epoch=step, metrics=floats, step=global_step)
             self._name_format.remember(step, name)
         self._prepare_directory()
+        self._saving = True
         try:
             saved = super().save(
                 step,
@@ -210,6 +214,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         except BaseException:
             self._forget_name(step)
             raise
+        finally:
+            self._saving = False
         if saved:
             self._in_flight = step
         else:
@@ -242,7 +248,6 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         step, self._in_flight = self._in_flight, None
         try:
             super().wait_until_finished()
-            self._purge_deleted()
         except Exception as err:
             name = (
                 self._name_format.build_name(step)
@@ -255,6 +260,17 @@ class MetricCheckpointManager(ocp.CheckpointManager):
                 f"saving checkpoint {name!r} (step {step}) in {self.directory} failed: "
                 f"{type(err).__name__}: {err}"
             ) from err
+        if self._saving:
+            # Called from inside save(): the training loop is waiting, so evicted
+            # checkpoints are removed beside it rather than before it.
+            self._start_purge()
+        else:
+            self._finish_purge()
+
+    def close(self) -> None:
+        """Wait for pending saves and removals, then release Orbax's resources."""
+        super().close()
+        self._finish_purge()
 
     def restore(
         self,
@@ -335,15 +351,30 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             self._settings.store(self.directory)
         self._settings_unsaved = False
 
-    def _purge_deleted(self) -> None:
+    def _start_purge(self) -> None:
+        if self._purger is None or not self._purger.is_alive():
+            self._purger = threading.Thread(
+                target=self._purge_deleted, name="artifex-ckpt-purge", daemon=True
+            )
+            self._purger.start()
+
+    def _finish_purge(self) -> None:
+        if self._purger is not None:
+            self._purger.join()
+            self._purger = None
+        self._purge_deleted(remove_trash=True)
+
+    def _purge_deleted(self, remove_trash: bool = False) -> None:
         # Orbax deletes a step file by file; a crash midway would leave a directory
         # with a valid name but missing files. Evicted steps are therefore renamed
-        # into _TRASH (atomic) and only then removed here, once nothing is in flight.
+        # into _TRASH (atomic) and only then removed here.
         trash = self.directory / _TRASH
-        if self._is_writer and self._options.todelete_subdir == _TRASH and trash.exists():
+        if not self._is_writer or self._options.todelete_subdir != _TRASH:
+            return
+        with contextlib.suppress(FileNotFoundError):
             for entry in trash.iterdir():
                 entry.rmtree(missing_ok=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # a background delete may be renaming into it
+            if remove_trash:  # only when no save is in flight to rename into it
                 trash.rmdir()
 
     def _infos(self) -> Sequence[ocm.PolicyCheckpointInfo]:
