@@ -68,7 +68,7 @@ class ProgressBarCallback(BaseCallback):
             return
         columns: list[ProgressColumn | str] = [
             TextColumn("{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
         ]
