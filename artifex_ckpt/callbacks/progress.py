@@ -17,6 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
 from artifex_ckpt.callbacks.base import BaseCallback, Logs, TrainerLike
 from artifex_ckpt.metrics import to_float
@@ -75,8 +76,12 @@ class ProgressBarCallback(BaseCallback):
         if self.config.show_eta:
             columns.append(TimeRemainingColumn())
         if self.config.show_metrics:
-            columns.append(TextColumn("{task.fields[metrics]}"))
-        self._progress = Progress(*columns, console=self.console, transient=not self.config.leave)
+            # The metrics take what room is left; the bars keep their width.
+            room = Column(ratio=1, no_wrap=True, overflow="ellipsis")
+            columns.append(TextColumn("{task.fields[metrics]}", table_column=room))
+        self._progress = Progress(
+            *columns, console=self.console, transient=not self.config.leave, expand=True
+        )
         first = getattr(trainer, "initial_epoch", 0)
         epochs = getattr(trainer, "epochs", None)
         self._epoch_task = self._progress.add_task(
@@ -121,7 +126,8 @@ class ProgressBarCallback(BaseCallback):
 
 def _format(logs: Logs) -> str:
     parts = []
-    for name, value in logs.items():
+    # Validation metrics first: on a narrow terminal they are what survives the ellipsis.
+    for name, value in sorted(logs.items(), key=lambda item: not item[0].startswith("val_")):
         try:
             parts.append(f"{name}={to_float(name, value):.4g}")
         except ValueError:
