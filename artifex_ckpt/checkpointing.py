@@ -19,7 +19,6 @@ from etils import epath
 from flax import nnx
 
 from artifex_ckpt.errors import (
-    CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointWarning,
     WeightsOnlyError,
@@ -189,8 +188,7 @@ def _restore_into(
     model: nnx.Module,
     optimizer: nnx.Optimizer | None,
 ) -> None:
-    if manager.metadata(step).commit_timestamp_nsecs is None:
-        raise CheckpointError(f"checkpoint {manager.step_path(step)} has no commit record")
+    manager.check_intact(step)
     info = read_trainer_state(manager, step)
     weights_only = bool(info.get("weights_only", False))
     if optimizer is not None and weights_only:

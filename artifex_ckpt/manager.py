@@ -26,12 +26,14 @@ from orbax.checkpoint.path import step as step_lib
 
 from artifex_ckpt.config import CheckpointConfig
 from artifex_ckpt.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     CheckpointSaveError,
     ConfigError,
     CorruptCheckpointWarning,
     StepError,
 )
+from artifex_ckpt.handlers import default_handler_registry
 from artifex_ckpt.metrics import jsonable, monitored_value, normalise_metrics, to_float
 from artifex_ckpt.naming import FilenameTemplate, TemplateNameFormat
 from artifex_ckpt.policies import EveryNEpochs, MetricRanking, RetainedOnArrival, retention_policy
@@ -40,6 +42,8 @@ from artifex_ckpt.settings import RetentionSettings
 __all__ = ["MetricCheckpointManager"]
 
 _TRASH = ".artifex-deleted"
+# Any of these means the caller chose how items are written; otherwise arrays go uncompressed.
+_HANDLER_KWARGS = {"handler_registry", "item_handlers", "item_names", "checkpointers"}
 # Marks "metrics not given" apart from "no metrics" (None) in `should_save`.
 _UNSCORED: Any = object()
 # Retention and naming belong to the manager; an options object setting them too
@@ -133,6 +137,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         own_options = self._own_options(options)
         if not own_options.read_only:
             _require_writable(root)
+        if not _HANDLER_KWARGS & orbax_kwargs.keys():
+            orbax_kwargs["handler_registry"] = default_handler_registry()
         super().__init__(root, options=own_options, **orbax_kwargs)
         self._is_writer = not self._options.read_only and jax.process_index() == (
             self._multiprocessing_options.primary_host or 0
@@ -300,6 +306,17 @@ class MetricCheckpointManager(ocp.CheckpointManager):
                 stacklevel=2,
             )
             return None
+
+    def check_intact(self, step: int) -> None:
+        """Raise `CheckpointError` if `step` lacks its commit record or has unreadable
+        metrics. Cheap: it reads two small files, not the arrays."""
+        path = self.step_path(step)
+        if step_lib.Metadata(step=step, path=path).commit_timestamp_nsecs is None:
+            raise CheckpointError(f"checkpoint {path} has no commit record")
+        try:
+            super().metrics(step)
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {path} has unreadable metrics: {err}") from err
 
     def best_step(self) -> int | None:
         """The best retained step; None if no retained step has a finite score."""

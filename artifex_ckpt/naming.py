@@ -8,6 +8,7 @@ directory rebuilds its step-to-name cache from disk.
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from collections.abc import Iterator, Mapping
@@ -179,6 +180,10 @@ def _step_pattern(pieces: tuple[_Piece, ...]) -> re.Pattern[str]:
     return re.compile("".join(parts))
 
 
+def _named_final(path: epath.Path) -> bool:
+    return step_lib.TMP_DIR_SUFFIX not in path.name
+
+
 class TemplateNameFormat(step_lib.NameFormat[step_lib.Metadata]):
     """Orbax `NameFormat` whose step directories carry rendered template names.
 
@@ -215,9 +220,15 @@ class TemplateNameFormat(step_lib.NameFormat[step_lib.Metadata]):
         base = epath.Path(base_path)
         if not base.is_dir():
             return
+        # On a local disk a save commits by renaming away the temporary suffix, so the
+        # name tells; Orbax's general check costs ~1 ms per directory (B5 in the benchmarks).
+        local = "://" not in os.fspath(base)
         for path in base.iterdir():
             step = self.template.parse_epoch(path.name)
-            if step is None or not path.is_dir() or not step_lib.is_path_finalized(path):
+            if step is None or not path.is_dir():
+                continue
+            finalized = _named_final(path) if local else step_lib.is_path_finalized(path)
+            if not finalized:
                 continue
             self._names[step] = path.name
             yield step_lib.Metadata(step=step, path=path)

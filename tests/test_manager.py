@@ -240,3 +240,24 @@ def test_should_save_with_metrics_answers_before_any_state_is_built(ckpt_dir: Pa
         assert mgr.should_save(1, None) is False  # unscored never enters a full top k
         with pytest.raises(MetricError, match="'val_loss' is missing"):
             mgr.should_save(1, {"loss": 0.1})
+
+
+def _item_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_arrays_are_written_uncompressed_unless_a_registry_is_given(tmp_path: Path) -> None:
+    weights = {"w": np.random.default_rng(0).normal(size=64 * 1024).astype(np.float32)}
+    sizes = {}
+    for name, kwargs in (
+        ("ours", {}),
+        ("zstd", {"handler_registry": ocp.handlers.DefaultCheckpointHandlerRegistry()}),
+    ):
+        with MetricCheckpointManager(tmp_path / name, **kwargs) as mgr:
+            mgr.save(0, args=ocp.args.Composite(model=ocp.args.StandardSave(weights)))
+            mgr.wait_until_finished()
+            sizes[name] = _item_bytes(Path(mgr.step_path(0)) / "model")
+        restored = ocp.StandardCheckpointer().restore(tmp_path / name / "0" / "model")
+        assert_trees_equal(restored, weights)
+    assert sizes["ours"] >= weights["w"].nbytes  # all 256 KiB, no codec
+    assert sizes["zstd"] < 0.97 * sizes["ours"]  # zstd saves a few percent on float weights

@@ -21,7 +21,9 @@ class ModelCheckpoint(BaseCallback):
 
     Every `every_n_epochs`-th epoch is eligible. With `save_last=True` each eligible
     epoch is written and the newest is always kept; with `save_last=False` only
-    epochs entering the top `save_top_k` are written. Saves are asynchronous;
+    epochs entering the top `save_top_k` are written. Keyword arguments go to
+    `MetricCheckpointManager.from_config` (Orbax `options`, `handler_registry`, ...).
+    Saves are asynchronous;
     `on_train_end` waits for them and raises if one failed. Best score, paths and
     the saved list are read from the manager, so they survive a restart.
 
@@ -35,9 +37,9 @@ class ModelCheckpoint(BaseCallback):
 
     __slots__ = ("_eligibility", "_last_epoch", "_manager", "config")
 
-    def __init__(self, config: CheckpointConfig) -> None:
+    def __init__(self, config: CheckpointConfig, **manager_kwargs: Any) -> None:
         self.config = config
-        self._manager = MetricCheckpointManager.from_config(config)
+        self._manager = MetricCheckpointManager.from_config(config, **manager_kwargs)
         self._eligibility = EveryNEpochs(config.every_n_epochs)
         self._last_epoch: tuple[int, Logs] | None = None
 
