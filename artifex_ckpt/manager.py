@@ -9,11 +9,9 @@ clear errors, and template-named step directories.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import os
-import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -25,6 +23,14 @@ from orbax.checkpoint import checkpoint_managers as ocm
 from orbax.checkpoint.path import step as step_lib
 
 from artifex_ckpt.config import CheckpointConfig
+from artifex_ckpt.directory import (
+    TRASH,
+    TrashPurger,
+    absolute,
+    is_local,
+    remove_unfinished,
+    require_writable,
+)
 from artifex_ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -41,7 +47,6 @@ from artifex_ckpt.settings import RetentionSettings
 
 __all__ = ["MetricCheckpointManager"]
 
-_TRASH = ".artifex-deleted"
 # Any of these means the caller chose how items are written; otherwise arrays go uncompressed.
 _HANDLER_KWARGS = {"handler_registry", "item_handlers", "item_names", "checkpointers"}
 # Marks "metrics not given" apart from "no metrics" (None) in `should_save`.
@@ -110,7 +115,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         options: ocp.CheckpointManagerOptions | None = None,
         **orbax_kwargs: Any,
     ) -> None:
-        root = _absolute(directory)
+        root = absolute(directory)
         if root.exists() and not root.is_dir():
             raise ConfigError(
                 f"directory {os.fspath(root)!r} is an existing file; pass a directory"
@@ -133,10 +138,9 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         self._step_names = self._name_format or step_lib.standard_name_format()
         self._in_flight: int | None = None
         self._saving = False
-        self._purger: threading.Thread | None = None
         own_options = self._own_options(options, root)
         if not own_options.read_only:
-            _require_writable(root)
+            require_writable(root)
         if not _HANDLER_KWARGS & orbax_kwargs.keys():
             orbax_kwargs["handler_registry"] = default_handler_registry()
         super().__init__(root, options=own_options, **orbax_kwargs)
@@ -145,10 +149,12 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         )
         # Written with the first save, so a mistake caught before it leaves no trace.
         self._settings_unsaved = RetentionSettings.load(root) != settings
-        # Leftovers of a crashed run (unfinished saves, half-finished deletions) go now,
-        # so the directory is clean before the first save.
-        self._remove_unfinished_saves()
-        self._purge_deleted(remove_trash=True)
+        # Our trash, unless the caller chose where evicted steps go.
+        self._purger = TrashPurger(root) if self._options.todelete_subdir == TRASH else None
+        # Leftovers of a crashed run go now, so the directory is clean before a save.
+        if self._is_writer and is_local(root):
+            remove_unfinished(root)
+        self._finish_purge()
 
     @classmethod
     def from_config(
@@ -266,10 +272,10 @@ class MetricCheckpointManager(ocp.CheckpointManager):
                 f"saving checkpoint {name!r} (step {step}) in {self.directory} failed: "
                 f"{type(err).__name__}: {err}"
             ) from err
-        if self._saving:
+        if self._saving and self._purger is not None and self._is_writer:
             # Called from inside save(): the training loop is waiting, so evicted
             # checkpoints are removed beside it rather than before it.
-            self._start_purge()
+            self._purger.start()
         else:
             self._finish_purge()
 
@@ -358,9 +364,9 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             preservation_policy=self._retention,
             step_name_format=self._step_names,
             # Remote stores use Orbax's scan; locally a cheaper one runs after __init__.
-            cleanup_tmp_directories=not options.read_only and not _is_local(root),
+            cleanup_tmp_directories=not options.read_only and not is_local(root),
             create=False,
-            todelete_subdir=options.todelete_subdir or _TRASH,
+            todelete_subdir=options.todelete_subdir or TRASH,
         )
 
     def _prepare_directory(self) -> None:
@@ -369,40 +375,9 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             self._settings.store(self.directory)
         self._settings_unsaved = False
 
-    def _remove_unfinished_saves(self) -> None:
-        # Orbax's own scan checks each entry through an event loop: ~0.2 s per 1,000
-        # checkpoints. Locally, a save in flight is named by its temporary suffix.
-        if not self._is_writer or not _is_local(self.directory) or not self.directory.exists():
-            return
-        for path in self.directory.iterdir():
-            if step_lib.TMP_DIR_SUFFIX in path.name:
-                path.rmtree(missing_ok=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-    def _start_purge(self) -> None:
-        if self._purger is None or not self._purger.is_alive():
-            self._purger = threading.Thread(
-                target=self._purge_deleted, name="artifex-ckpt-purge", daemon=True
-            )
-            self._purger.start()
-
     def _finish_purge(self) -> None:
-        if self._purger is not None:
-            self._purger.join()
-            self._purger = None
-        self._purge_deleted(remove_trash=True)
-
-    def _purge_deleted(self, remove_trash: bool = False) -> None:
-        # Orbax deletes a step file by file; a crash midway would leave a directory
-        # with a valid name but missing files. Evicted steps are therefore renamed
-        # into _TRASH (atomic) and only then removed here.
-        trash = self.directory / _TRASH
-        if not self._is_writer or self._options.todelete_subdir != _TRASH:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            for entry in trash.iterdir():
-                entry.rmtree(missing_ok=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            if remove_trash:  # only when no save is in flight to rename into it
-                trash.rmdir()
+        if self._purger is not None and self._is_writer:
+            self._purger.finish()
 
     def _infos(self) -> Sequence[ocm.PolicyCheckpointInfo]:
         # Orbax's in-memory view of the directory (including a save in flight): the
@@ -437,26 +412,3 @@ class MetricCheckpointManager(ocp.CheckpointManager):
     def _forget_name(self, step: int | None) -> None:
         if self._name_format is not None and step is not None:
             self._name_format.forget(step)
-
-
-def _require_writable(directory: epath.Path) -> None:
-    """Fail now, not after an epoch, if `directory` can never be created or written."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
-        return
-    reason = "is not a directory" if not existing.is_dir() else "is not writable"
-    raise ConfigError(
-        f"directory {os.fspath(directory)!r} is not writable: {os.fspath(existing)!r} {reason}"
-    )
-
-
-def _is_local(directory: epath.Path) -> bool:
-    return "://" not in os.fspath(directory)
-
-
-def _absolute(directory: str | os.PathLike[str] | epath.Path) -> epath.Path:
-    # Orbax refuses relative paths, and only when the first save runs in the background.
-    text = os.fspath(directory)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
