@@ -93,14 +93,14 @@ class BestNByRank:
 
 def retention_policy(
     ranking: MetricRanking, save_top_k: int, keep_last: bool
-) -> ocm.AnyPreservationPolicy:
+) -> ocm.PreservationPolicy:
     """The k best (`-1`: all, `0`: none by score), plus the newest when `keep_last`."""
-    policies: list[ocm.PreservationPolicy] = [
-        BestNByRank(ranking, None if save_top_k == -1 else save_top_k)
-    ]
-    if keep_last:
-        policies.append(ocm.LatestN(n=1))
-    return ocm.AnyPreservationPolicy(policies)
+    best = BestNByRank(ranking, None if save_top_k == -1 else save_top_k)
+    if not keep_last:
+        # Alone, without AnyPreservationPolicy's numpy and logging: this one is also
+        # asked on every eligible epoch that might not be written (B1).
+        return best
+    return ocm.AnyPreservationPolicy([best, ocm.LatestN(n=1)])
 
 
 @dataclass(frozen=True)
