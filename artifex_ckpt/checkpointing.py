@@ -169,7 +169,8 @@ def _candidates(manager: MetricCheckpointManager, step: StepSpec) -> list[int]:
     if step is None or step == "latest":
         found = steps
     elif step == "best":
-        found = [s for s in manager.ranked_steps() if math.isfinite(manager.score(s) or math.nan)]
+        scores = {s: manager.score(s) for s in manager.ranked_steps()}
+        found = [s for s, v in scores.items() if v is not None and math.isfinite(v)]
     else:
         raise ValueError(f"step={step!r} is not accepted; use an int, None, 'latest' or 'best'")
     if not found:

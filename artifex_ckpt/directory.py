@@ -84,5 +84,6 @@ class TrashPurger:
         with contextlib.suppress(FileNotFoundError):
             for entry in self.trash.iterdir():
                 entry.rmtree(missing_ok=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            if remove_trash:
+        if remove_trash:
+            with contextlib.suppress(OSError):  # gone already, or refilled meanwhile
                 self.trash.rmdir()

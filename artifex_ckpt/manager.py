@@ -47,6 +47,13 @@ from artifex_ckpt.settings import RetentionSettings
 
 __all__ = ["MetricCheckpointManager"]
 
+# Options that would let retention delete what it cannot see, or race the trash purge.
+_UNSAFE_OPTIONS = {
+    "lightweight_initialize": "checkpoints opened without their metrics rank worst and "
+    "would be evicted",
+    "prevent_write_metrics": "without stored metrics the best cannot be found after a restart",
+    "enable_background_delete": "evicted checkpoints are purged beside the loop already",
+}
 # Any of these means the caller chose how items are written; otherwise arrays go uncompressed.
 _HANDLER_KWARGS = {"handler_registry", "item_handlers", "item_names", "checkpointers"}
 # Marks "metrics not given" apart from "no metrics" (None) in `should_save`.
@@ -202,6 +209,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         `StepError` for a negative step or one not newer than the newest checkpoint,
         and `MetricError` when `metrics` lacks the monitored metric.
         """
+        if self._options.read_only:
+            raise ConfigError(f"the manager of {self.directory} is read-only; it cannot save")
         self._check_new_step(step)
         floats = normalise_metrics(metrics, self._settings.monitor)
         custom_metadata = jsonable(custom_metadata) if custom_metadata is not None else None
@@ -356,6 +365,11 @@ class MetricCheckpointManager(ocp.CheckpointManager):
                 raise ConfigError(
                     f"options.{name}={getattr(options, name)!r} conflicts with the manager's "
                     "own retention and naming; use save_top_k, keep_last and filename instead"
+                )
+        for name in _UNSAFE_OPTIONS:
+            if getattr(options, name):
+                raise ConfigError(
+                    f"options.{name}=True is not supported: {_UNSAFE_OPTIONS[name]}; leave it False"
                 )
         return dataclasses.replace(
             options,

@@ -10,7 +10,7 @@ import numpy as np
 
 from artifex_ckpt.errors import MetricError
 
-__all__ = ["jsonable", "monitored_value", "normalise_metrics", "to_float"]
+__all__ = ["is_scalar", "jsonable", "monitored_value", "normalise_metrics", "to_float"]
 
 
 def to_float(name: str, value: object) -> float:
@@ -18,22 +18,33 @@ def to_float(name: str, value: object) -> float:
 
     Raises `MetricError` naming `name` for strings, None, booleans and arrays of size > 1.
     """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if is_scalar(value):
+        return float(np.asarray(value).reshape(()))
     if isinstance(value, bool | str | bytes) or value is None:
         raise MetricError(
             f"metric {name!r} is {value!r} ({type(value).__name__}); "
             "a real number is needed (float, int, numpy or JAX scalar)"
         )
-    if isinstance(value, numbers.Real):
-        return float(value)
-    size = getattr(value, "size", None)
-    if size == 1 and np.issubdtype(np.asarray(value).dtype, np.number):
-        return float(np.asarray(value).reshape(()))
     shape = getattr(value, "shape", None)
     raise MetricError(
         f"metric {name!r} is a {type(value).__name__}"
         + (f" of shape {tuple(shape)}" if shape is not None else "")
         + "; a real scalar is needed (float, int, numpy or JAX scalar, or an array of size 1)"
     )
+
+
+def is_scalar(value: object) -> bool:
+    """Whether `to_float` accepts `value`; decided without reading a device array."""
+    if isinstance(value, bool | str | bytes) or value is None:
+        return False
+    if isinstance(value, numbers.Real):
+        return True
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or getattr(value, "size", None) != 1:
+        return False
+    return bool(np.issubdtype(dtype, np.number))
 
 
 def normalise_metrics(

@@ -8,6 +8,8 @@ directory rebuilds its step-to-name cache from disk.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import re
 import string
@@ -27,6 +29,10 @@ _RESERVED = {"epoch", "step"}
 # when the config is built rather than after a training epoch.
 _SAMPLE_METRIC = 0.5
 _SAMPLE_EPOCHS = (0, 7, 42, 12345)
+_SAMPLE_VALUES = (0.5, -3.0, 1e-05, 12345.678, math.nan, -math.inf)
+# What a formatted number can look like once made safe: padding, sign, digits with
+# separators, exponent, nan/inf, percent. Anything else (a ".bak" copy) is not ours.
+_NUMBER = r"_*[-+]?(?:[\d,]*\.?\d+(?:[eE][-+]?\d+)?|nan|inf|NAN|INF)%?"
 
 
 def safe_name(text: str) -> str:
@@ -109,12 +115,12 @@ class FilenameTemplate:
                     f"{{{piece.field}}} cannot format {kind} ({value!r}): {err}"
                 ) from None
         epoch_spec = next(p.spec for p in self._pieces if p.field == "epoch")
-        for epoch in _SAMPLE_EPOCHS:
-            name = self.render(epoch=epoch, metrics=sample)
+        for epoch, value in itertools.product(_SAMPLE_EPOCHS, _SAMPLE_VALUES):
+            name = self.render(epoch=epoch, metrics=dict.fromkeys(sample, value))
             if self.parse_epoch(name) != epoch:
                 raise ConfigError(
                     f"filename template {self.template!r}: with spec {epoch_spec!r}, "
-                    f"epoch {epoch} renders as {name!r}, "
+                    f"epoch {epoch} (metrics {value}) renders as {name!r}, "
                     "from which the epoch cannot be read back; give {epoch} a plain integer "
                     "spec such as '{epoch:02d}' and separate it from other placeholders"
                 )
@@ -176,7 +182,7 @@ def _step_pattern(pieces: tuple[_Piece, ...]) -> re.Pattern[str]:
         elif piece.field == "epoch":
             parts.append(r"\d+")
         elif piece.field is not None:
-            parts.append(r".*?")
+            parts.append(_NUMBER)
     return re.compile("".join(parts))
 
 
@@ -223,6 +229,7 @@ class TemplateNameFormat(step_lib.NameFormat[step_lib.Metadata]):
         # On a local disk a save commits by renaming away the temporary suffix, so the
         # name tells; Orbax's general check costs ~1 ms per directory (B5 in the benchmarks).
         local = "://" not in os.fspath(base)
+        seen: dict[int, epath.Path] = {}
         for path in base.iterdir():
             step = self.template.parse_epoch(path.name)
             if step is None or not path.is_dir():
@@ -230,6 +237,13 @@ class TemplateNameFormat(step_lib.NameFormat[step_lib.Metadata]):
             finalized = _named_final(path) if local else step_lib.is_path_finalized(path)
             if not finalized:
                 continue
+            if step in seen:
+                # Orbax would count both as one step and delete both on eviction.
+                raise StepError(
+                    f"{seen[step].name!r} and {path.name!r} in {base} both read as step "
+                    f"{step} under template {self.template.template!r}; move one away"
+                )
+            seen[step] = path
             self._names[step] = path.name
             yield step_lib.Metadata(step=step, path=path)
 

@@ -52,7 +52,8 @@ class RetentionSettings:
     def resolve(cls, directory: epath.Path, **explicit: Any) -> RetentionSettings:
         """Explicit values (those not None) over the stored ones, over the defaults.
 
-        Raises `SettingsMismatchError` if an explicit template differs from the stored one.
+        Raises `SettingsMismatchError` if an explicit template, monitor or mode differs
+        from the stored one: the stored checkpoints are named and ranked by them.
         """
         stored = cls.load(directory)
         given = {name: value for name, value in explicit.items() if value is not None}
@@ -65,6 +66,14 @@ class RetentionSettings:
                 "would not be found. Use the stored template, omit filename, or pick a new "
                 "directory"
             )
+        for name in ("monitor", "mode"):
+            if name in given and given[name] != getattr(stored, name):
+                raise SettingsMismatchError(
+                    f"{name}={given[name]!r} differs from {name}={getattr(stored, name)!r} "
+                    f"stored in {directory / SETTINGS_FILE}: the checkpoints there are ranked "
+                    f"by it, and re-ranking could evict the best of them. Use the stored "
+                    f"{name}, omit it, or pick a new directory"
+                )
         return dataclasses.replace(stored, **given)
 
     @classmethod

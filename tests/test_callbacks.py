@@ -323,3 +323,16 @@ def test_relative_dirpath_saves_where_it_says(
     assert checkpoint.best_checkpoint_path is not None
     assert checkpoint.best_checkpoint_path.parent == tmp_path / "checkpoints"
     assert step_dirs(tmp_path / "checkpoints") == {p.name for _, p in checkpoint.saved_checkpoints}
+
+
+def test_non_scalar_log_entries_are_not_metrics(tmp_path: Path) -> None:
+    import numpy as np
+
+    checkpoint = ModelCheckpoint(CheckpointConfig(dirpath=tmp_path, filename="m-{epoch}"))
+    trainer = make_trainer(epochs=1)
+    per_class = ScriptedMetric("per_class_acc", [np.ones(3)])
+    note = ScriptedMetric("note", ["warm-up"])
+    trainer.fit(callbacks=[per_class, note, checkpoint])
+    stored = checkpoint.manager.metrics(0)
+    assert "per_class_acc" not in stored and "note" not in stored
+    assert {"loss", "val_loss"} <= set(stored)

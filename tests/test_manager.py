@@ -261,3 +261,65 @@ def test_arrays_are_written_uncompressed_unless_a_registry_is_given(tmp_path: Pa
         assert_trees_equal(restored, weights)
     assert sizes["ours"] >= weights["w"].nbytes  # all 256 KiB, no codec
     assert sizes["zstd"] < 0.97 * sizes["ours"]  # zstd saves a few percent on float weights
+
+
+def test_read_only_manager_refuses_to_save_and_deletes_nothing(ckpt_dir: Path) -> None:
+    _fill(ckpt_dir, [0.5, 0.7], save_top_k=1)
+    before = step_dirs(ckpt_dir)
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with (
+        MetricCheckpointManager(ckpt_dir, options=options) as mgr,
+        pytest.raises(ConfigError, match="read-only"),
+    ):
+        mgr.save(2, args=_args(2), metrics={"val/loss": 0.1}, force=True)
+    assert step_dirs(ckpt_dir) == before == {"model-00-0.5000", "model-01-0.7000"}
+
+
+def test_a_copied_step_directory_is_refused_not_deleted(ckpt_dir: Path) -> None:
+    import shutil
+
+    _fill(ckpt_dir, [0.5, 0.7], save_top_k=1)
+    shutil.copytree(ckpt_dir / "model-00-0.5000", ckpt_dir / "model-00-0.5000.bak")
+    with MetricCheckpointManager(ckpt_dir) as mgr:  # a ".bak" copy is not a checkpoint
+        assert sorted(mgr.all_steps()) == [0, 1]
+    shutil.copytree(ckpt_dir / "model-00-0.5000", ckpt_dir / "model-00-0.9000")
+    with pytest.raises(StepError, match=r"'model-00-0.\d+' and 'model-00-0.\d+'.*step 0"):
+        MetricCheckpointManager(ckpt_dir)
+    assert step_dirs(ckpt_dir) == {
+        "model-00-0.5000",
+        "model-00-0.5000.bak",
+        "model-00-0.9000",
+        "model-01-0.7000",
+    }
+
+
+def test_changing_monitor_or_mode_of_a_used_directory_is_refused(ckpt_dir: Path) -> None:
+    _fill(ckpt_dir, [0.1, 0.2, 0.9], save_top_k=2)
+    before = step_dirs(ckpt_dir)
+    with pytest.raises(SettingsMismatchError, match=r"monitor='acc' differs.*'val/loss'"):
+        MetricCheckpointManager(ckpt_dir, monitor="acc")
+    with pytest.raises(SettingsMismatchError, match=r"mode='max' differs"):
+        MetricCheckpointManager(ckpt_dir, mode="max")
+    assert step_dirs(ckpt_dir) == before
+
+
+@pytest.mark.parametrize(
+    "option", ["lightweight_initialize", "prevent_write_metrics", "enable_background_delete"]
+)
+def test_options_that_would_hide_scores_are_refused(ckpt_dir: Path, option: str) -> None:
+    options = ocp.CheckpointManagerOptions(**{option: True})
+    with pytest.raises(ConfigError, match=rf"options.{option}=True is not supported"):
+        MetricCheckpointManager(ckpt_dir, options=options)
+
+
+def test_best_may_score_exactly_zero(ckpt_dir: Path) -> None:
+    from artifex_ckpt import load_checkpoint, save_checkpoint
+
+    models = [TinyMLP(nnx.Rngs(seed)) for seed in range(3)]
+    with MetricCheckpointManager(ckpt_dir, monitor="err", save_top_k=-1) as mgr:
+        for step, (model, err) in enumerate(zip(models, [0.5, 0.0, 0.2], strict=True)):
+            save_checkpoint(mgr, model, step, metrics={"err": err})
+        target = TinyMLP(nnx.Rngs(9))
+        load_checkpoint(mgr, target, "best")
+        assert mgr.best_step() == 1
+    assert_trees_equal(target, models[1])

@@ -76,3 +76,21 @@ def test_epoch_round_trips_through_rendered_name(
     assert template.parse_epoch(name) == epoch
     if math.isnan(value):
         assert name.endswith("nan")
+
+
+@pytest.mark.parametrize("value", [-3.0, 1e-05, 12345.678, math.nan, -math.inf, 0.5])
+@pytest.mark.parametrize(
+    "template",
+    ["{val_loss:.0f}-{epoch}-{acc:.2f}", "m-{val_loss}-{epoch}-{acc}", "m-{epoch}-{acc:.1%}"],
+)
+def test_metric_values_never_shift_the_epoch(template: str, value: float) -> None:
+    parsed = FilenameTemplate(template)
+    name = parsed.render(epoch=7, metrics={"val_loss": value, "acc": value})
+    assert parsed.parse_epoch(name) == 7, name
+
+
+def test_copies_with_extra_text_are_not_checkpoints() -> None:
+    template = FilenameTemplate("m-{epoch:02d}-{val_loss:.2f}")
+    assert template.parse_epoch("m-00-0.50") == 0
+    assert template.parse_epoch("m-00-0.50.bak") is None
+    assert template.parse_epoch("m-00-0.50 (copy)") is None

@@ -11,6 +11,7 @@ from artifex_ckpt.checkpointing import checkpoint_args
 from artifex_ckpt.config import CheckpointConfig
 from artifex_ckpt.errors import StepError
 from artifex_ckpt.manager import MetricCheckpointManager
+from artifex_ckpt.metrics import is_scalar
 from artifex_ckpt.policies import EveryNEpochs
 
 __all__ = ["ModelCheckpoint"]
@@ -105,6 +106,12 @@ class ModelCheckpoint(BaseCallback):
         # Let a save in flight commit, so no half-written directory is left behind.
         self._manager.wait_until_finished()
 
+    def _metrics(self, logs: Logs) -> dict[str, Any]:
+        # Like Keras and Lightning, non-scalar log entries are not metrics; they are still
+        # kept in the checkpoint's trainer_state. The monitor is always passed, to be checked.
+        monitor = self.config.monitor
+        return {k: v for k, v in logs.items() if k == monitor or is_scalar(v)}
+
     def _save(self, trainer: TrainerLike, epoch: int, logs: Logs, *, force: bool) -> bool:
         # Ask first: a checkpoint that would not be kept costs no state gathering.
         if not force and not self._manager.should_save(epoch, logs):
@@ -120,7 +127,7 @@ class ModelCheckpoint(BaseCallback):
         return self._manager.save(
             epoch,
             args=args,
-            metrics=logs,
+            metrics=self._metrics(logs),
             force=force,
             custom_metadata={"epoch": epoch, "global_step": global_step},
         )

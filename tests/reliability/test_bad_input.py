@@ -180,6 +180,25 @@ CASES: dict[str, Case] = {
         ConfigError,
         ("max_to_keep", "save_top_k"),
     ),
+    "monitor changed on a used directory": Case(
+        lambda r: MetricCheckpointManager(r / "run", monitor="val_accuracy"),
+        SettingsMismatchError,
+        ("monitor='val_accuracy'", "'val_loss'", "evict"),
+    ),
+    "read-only manager saves": Case(
+        lambda r: MetricCheckpointManager(
+            r / "run", options=ocp.CheckpointManagerOptions(read_only=True)
+        ).save(5, args=ocp.args.StandardSave({"w": np.zeros(2)}), force=True),
+        ConfigError,
+        ("read-only",),
+    ),
+    "orbax option hiding metrics": Case(
+        lambda r: MetricCheckpointManager(
+            r / "run", options=ocp.CheckpointManagerOptions(lightweight_initialize=True)
+        ),
+        ConfigError,
+        ("lightweight_initialize", "evicted"),
+    ),
     "early stopping patience": Case(
         lambda r: EarlyStoppingConfig(patience=-1), ConfigError, ("patience", "-1")
     ),
