@@ -9,7 +9,7 @@ from etils import epath
 from artifex_ckpt.callbacks.base import BaseCallback, Logs, TrainerLike
 from artifex_ckpt.checkpointing import checkpoint_args
 from artifex_ckpt.config import CheckpointConfig
-from artifex_ckpt.errors import StepError
+from artifex_ckpt.errors import CheckpointSaveError, StepError
 from artifex_ckpt.manager import MetricCheckpointManager
 from artifex_ckpt.metrics import is_scalar
 from artifex_ckpt.policies import EveryNEpochs
@@ -103,8 +103,12 @@ class ModelCheckpoint(BaseCallback):
         self._manager.wait_until_finished()
 
     def on_exception(self, trainer: TrainerLike, error: BaseException) -> None:
-        # Let a save in flight commit, so no half-written directory is left behind.
-        self._manager.wait_until_finished()
+        # Let a save in flight commit, so no half-written directory is left behind. If it
+        # failed too, say so on the training error rather than replacing it.
+        try:
+            self._manager.wait_until_finished()
+        except CheckpointSaveError as save_error:
+            error.add_note(f"artifex_ckpt: in addition, {save_error}")
 
     def _metrics(self, logs: Logs) -> dict[str, Any]:
         # Like Keras and Lightning, non-scalar log entries are not metrics; they are still

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from artifex_ckpt import (
+    BaseCallback,
     CheckpointConfig,
     CheckpointSaveError,
     ConfigError,
@@ -121,3 +122,22 @@ def test_read_only_directory_is_refused_with_its_path(tmp_path: Path) -> None:
     finally:
         subprocess.run(["umount", str(source)], check=False)
     assert os.access(source, os.W_OK)
+
+
+class _FailAtEpochOne(BaseCallback):
+    __slots__ = ()
+
+    def on_epoch_begin(self, trainer: object, epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+
+def test_a_failed_save_does_not_hide_the_training_error(small_disk: Path) -> None:
+    with open(small_disk / "filler", "wb") as f:
+        f.write(b"\0" * (6 * MIB - 64 * 1024))
+    checkpoint = ModelCheckpoint(CheckpointConfig(dirpath=small_disk / "run", filename="e-{epoch}"))
+    with pytest.raises(KeyboardInterrupt) as info:
+        make_trainer(epochs=3).fit(callbacks=[checkpoint, _FailAtEpochOne()])
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "'e-0'" in notes and "No space left" in notes
+    assert checkpoint.manager.all_steps() == []
