@@ -270,11 +270,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         try:
             super().wait_until_finished()
         except Exception as err:
-            name = (
-                self._name_format.build_name(step)
-                if self._name_format and step is not None
-                else step
-            )
+            name = None if step is None else self._step_names.build_name(step)
             self._forget_name(step)
             self.reload()
             raise CheckpointSaveError(
@@ -287,11 +283,6 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             self._purger.start()
         else:
             self._finish_purge()
-
-    def close(self) -> None:
-        """Wait for pending saves and removals, then release Orbax's resources."""
-        super().close()
-        self._finish_purge()
 
     def restore(
         self,
