@@ -12,7 +12,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orbax.checkpoint as ocp
 from etils import epath
@@ -27,6 +27,7 @@ from artifex_ckpt.manager import MetricCheckpointManager
 from artifex_ckpt.metrics import jsonable
 
 __all__ = [
+    "RestoredCheckpoint",
     "checkpoint_args",
     "load_checkpoint",
     "read_trainer_state",
@@ -37,6 +38,15 @@ __all__ = [
 
 MODEL, OPTIMIZER, TRAINER_STATE = "model", "optimizer", "trainer_state"
 StepSpec = int | Literal["latest", "best"] | None
+
+
+class RestoredCheckpoint(NamedTuple):
+    """What `restore_checkpoint` restored: the step (after any fallback), its directory,
+    and its trainer state (epoch, global_step, logs, weights_only)."""
+
+    step: int
+    path: epath.Path
+    trainer_state: Mapping[str, Any]
 
 
 def setup_checkpoint_manager(
@@ -134,14 +144,21 @@ def restore_checkpoint(
     step: StepSpec = None,
     *,
     optimizer: nnx.Optimizer | None = None,
-) -> int:
-    """`load_checkpoint`, returning the step that was restored (after any fallback)."""
+) -> RestoredCheckpoint:
+    """`load_checkpoint`, returning what was restored (after any fallback).
+
+    Example:
+        ```python
+        restored = restore_checkpoint(manager, model, "latest", optimizer=optimizer)
+        next_epoch = restored.trainer_state["epoch"] + 1
+        ```
+    """
     manager.wait_until_finished()
     candidates = _candidates(manager, step)
     for index, candidate in enumerate(candidates):
         try:
-            _restore_into(manager, candidate, model, optimizer)
-            return candidate
+            state = _restore_into(manager, candidate, model, optimizer)
+            return RestoredCheckpoint(candidate, manager.step_path(candidate), state)
         except WeightsOnlyError:
             raise
         except Exception as err:
@@ -188,7 +205,7 @@ def _restore_into(
     step: int,
     model: nnx.Module,
     optimizer: nnx.Optimizer | None,
-) -> None:
+) -> dict[str, Any]:
     manager.check_intact(step)
     info = read_trainer_state(manager, step)
     weights_only = bool(info.get("weights_only", False))
@@ -208,3 +225,4 @@ def _restore_into(
     if optimizer is not None:
         nnx.replace_by_pure_dict(optimizer_state, restored[OPTIMIZER])
         nnx.update(optimizer, optimizer_state)
+    return info

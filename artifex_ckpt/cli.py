@@ -3,64 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import orbax.checkpoint as ocp
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
+from artifex_ckpt.directory import absolute
 from artifex_ckpt.errors import CheckpointError
 from artifex_ckpt.manager import MetricCheckpointManager
+from artifex_ckpt.table import checkpoint_table
 
-__all__ = ["checkpoint_table", "console_main", "main"]
+__all__ = ["console_main", "main"]
 
 
 def _open(directory: str) -> MetricCheckpointManager:
-    path = Path(directory)
+    path = absolute(directory)
     if not path.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     return MetricCheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
-
-
-def _size(path: Path) -> str:
-    total = float(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if total < 1024 or unit == "GiB":
-            return f"{total:.0f} {unit}" if unit == "B" else f"{total:.1f} {unit}"
-        total /= 1024
-    raise AssertionError("unreachable")
-
-
-def _time(manager: MetricCheckpointManager, step: int) -> str:
-    nanoseconds = manager.metadata(step).commit_timestamp_nsecs
-    if nanoseconds is None:
-        return "?"
-    moment = datetime.datetime.fromtimestamp(nanoseconds / 1e9)
-    return moment.strftime("%m-%d %H:%M:%S")
-
-
-def checkpoint_table(manager: MetricCheckpointManager) -> Table:
-    """A rich table of the retained checkpoints: step, name, score, best/last, size, time."""
-    settings = manager.settings
-    best, latest = manager.best_step(), manager.latest_step()
-    table = Table(title=f"{manager.directory}  ({settings.monitor}, {settings.mode})")
-    for column in ("step", "name", settings.monitor, "best", "last", "size", "time"):
-        table.add_column(column, justify="right" if column in ("step", "size") else "left")
-    for step in sorted(manager.all_steps()):
-        score = manager.score(step)
-        table.add_row(
-            str(step),
-            manager.step_path(step).name,
-            "-" if score is None else f"{score:.6g}",
-            "*" if step == best else "",
-            "*" if step == latest else "",
-            _size(Path(manager.step_path(step))),
-            _time(manager, step),
-        )
-    return table
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:
@@ -73,19 +35,21 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def _ls(args: argparse.Namespace, console: Console) -> int:
-    manager = _open(args.dir)
-    if not manager.all_steps():
-        raise CheckpointError(f"{args.dir}: no checkpoints")
-    console.print(checkpoint_table(manager))
+    with _open(args.dir) as manager:
+        if not manager.all_steps():
+            raise CheckpointError(f"{args.dir}: no checkpoints")
+        console.print(checkpoint_table(manager))
     return 0
 
 
 def _best(args: argparse.Namespace, console: Console) -> int:
-    manager = _open(args.dir)
-    best = manager.best_step()
-    if best is None:
-        raise CheckpointError(f"{args.dir}: no checkpoint with a finite {manager.settings.monitor}")
-    print(manager.step_path(best))
+    with _open(args.dir) as manager:
+        best = manager.best_step()
+        if best is None:
+            raise CheckpointError(
+                f"{args.dir}: no checkpoint with a finite {manager.settings.monitor}"
+            )
+        print(manager.step_path(best))
     return 0
 
 
@@ -122,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args, console))
     except CheckpointError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(err))}")
         return 1
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from artifex_ckpt.errors import ConfigError
-from artifex_ckpt.settings import RetentionSettings, require_int
+from artifex_ckpt.settings import RetentionSettings
+from artifex_ckpt.validation import Mode, require_bool, require_int
 
 __all__ = ["CheckpointConfig"]
 
@@ -41,7 +41,7 @@ class CheckpointConfig:
     dirpath: str | os.PathLike[str] = "checkpoints"
     filename: str = "model-{epoch:02d}-{val_loss:.4f}"
     monitor: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
+    mode: Mode = "min"
     save_top_k: int = 3
     save_last: bool = True
     every_n_epochs: int = 1
@@ -57,10 +57,8 @@ class CheckpointConfig:
                 f"dirpath={os.fspath(self.dirpath)!r} is an existing file; "
                 "pass a directory path (it is created if missing)"
             )
-        for name in ("save_last", "save_weights_only"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ConfigError(f"{name}={value!r} is not a bool; pass True or False")
+        require_bool("save_last", self.save_last)
+        require_bool("save_weights_only", self.save_weights_only)
         require_int("every_n_epochs", self.every_n_epochs, minimum=1, accepted="an integer >= 1")
         if self.filename is None:
             raise ConfigError("filename=None is not a template; pass e.g. 'model-{epoch:02d}'")

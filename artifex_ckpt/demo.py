@@ -28,6 +28,7 @@ from artifex_ckpt.callbacks import (
 )
 from artifex_ckpt.checkpointing import load_checkpoint
 from artifex_ckpt.config import CheckpointConfig
+from artifex_ckpt.table import checkpoint_table
 from artifex_ckpt.trainer import Trainer
 
 __all__ = ["VAE", "DemoResult", "run_demo", "synthetic_batches", "vae_loss"]
@@ -108,8 +109,6 @@ def run_demo(
 ) -> DemoResult:
     """Train the VAE with checkpointing, early stopping and a progress bar, then
     restore the best checkpoint into a fresh model and recompute its validation loss."""
-    from artifex_ckpt.cli import checkpoint_table
-
     console = console or Console()
     train, val = synthetic_batches(32, 64, seed=0), synthetic_batches(8, 64, seed=1)
     model = VAE(nnx.Rngs(0))

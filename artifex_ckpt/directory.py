@@ -1,41 +1,107 @@
-"""Housekeeping of a checkpoint directory: where it is, and what a crash leaves in it.
+"""Housekeeping of a checkpoint directory: where it is, what a crash leaves in it, and
+the few file operations that differ between a local disk and an object store.
+
+Paths are local or object-store URLs (`gs://bucket/prefix`, and the other schemes of
+`etils.epath`). Object stores have no directories and no atomic rename: a "directory"
+is a name prefix, a rename is copy + delete, and a single-object write is atomic.
 
 Two kinds of leftovers are cleaned: saves that never committed (named with Orbax's
 temporary suffix) and evicted checkpoints. Orbax deletes an evicted step file by file,
 so a crash midway would leave a directory with a valid name and missing files; evicted
-steps are therefore renamed into `TRASH` (atomic, Orbax's `todelete_subdir`) and removed
-from there by a `TrashPurger`.
+local steps are therefore renamed into `TRASH` (atomic, Orbax's `todelete_subdir`) and
+removed from there by a `TrashPurger`. On gs:// Orbax ignores `todelete_subdir` and
+deletes evicted steps itself, so there the purger does nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 import threading
+import uuid
+from typing import TYPE_CHECKING, Any
 
 from etils import epath
 from orbax.checkpoint.path import step as step_lib
 
 from artifex_ckpt.errors import ConfigError
 
-__all__ = ["TRASH", "TrashPurger", "absolute", "is_local", "remove_unfinished", "require_writable"]
+if TYPE_CHECKING:
+    import fsspec
+
+__all__ = [
+    "TRASH",
+    "TrashPurger",
+    "absolute",
+    "is_local",
+    "remove_unfinished",
+    "require_writable",
+    "tree_size",
+    "write_atomic_text",
+]
 
 TRASH = ".artifex-deleted"
+# The URL schemes `etils.epath` maps to a storage backend (gcsfs, s3fs, adlfs, hffs).
+SCHEMES = ("gs", "s3", "az", "hf")
+_SCHEME = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+# Orbax sends evicted steps to `todelete_subdir` everywhere but on GCS.
+_NO_TRASH_PREFIX = "gs://"
+_ACCEPTED = "a local path or a URL " + ", ".join(f"{s}://bucket/prefix" for s in SCHEMES)
 
 
 def absolute(directory: str | os.PathLike[str] | epath.Path) -> epath.Path:
-    """`directory` made absolute; Orbax refuses relative paths, but only in the first
-    background save."""
+    """`directory` made absolute, `~` expanded; object-store URLs keep their scheme.
+
+    Orbax refuses relative paths, but only in the first background save, so the check
+    is here. Raises `ConfigError` for an empty path, a NUL character, an unknown
+    scheme or a URL without a bucket.
+
+    Example:
+        ```python
+        assert str(absolute("gs://bucket/run")) == "gs://bucket/run"
+        assert str(absolute("~/run")) == os.path.expanduser("~/run")
+        ```
+    """
+    if not isinstance(directory, str | os.PathLike):
+        raise ConfigError(f"directory={directory!r} is not a path; pass {_ACCEPTED}")
     text = os.fspath(directory)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
+    if not isinstance(text, str):
+        raise ConfigError(f"directory={text!r} is bytes; pass {_ACCEPTED} as str")
+    if not text:
+        raise ConfigError(f"directory={text!r} is empty; pass {_ACCEPTED}")
+    if "\0" in text:
+        raise ConfigError(f"directory={text!r} contains a NUL character; pass {_ACCEPTED}")
+    if "://" not in text:
+        return epath.Path(os.path.abspath(os.path.expanduser(text)))
+    match = _SCHEME.match(text)
+    scheme = match.group("scheme").lower() if match else None
+    if match is None or scheme not in SCHEMES:
+        shown = f"scheme {match.group(0)!r}" if match else "a '://' that is not a scheme"
+        raise ConfigError(f"directory={text!r} has {shown}; pass {_ACCEPTED}")
+    rest = text[match.end() :]
+    if not rest or rest.startswith("/"):
+        raise ConfigError(f"directory={text!r} names no bucket; pass {_ACCEPTED}")
+    return epath.Path(f"{scheme}://{rest}")
 
 
 def is_local(directory: epath.Path) -> bool:
+    """Whether `directory` is on a local file system (not an object-store URL)."""
     return "://" not in os.fspath(directory)
 
 
 def require_writable(directory: epath.Path) -> None:
-    """Fail now, not after an epoch, if `directory` can never be created or written."""
+    """Fail now, not after an epoch, if `directory` can never be created or written.
+
+    Locally: the nearest existing ancestor must be a writable directory (no I/O but
+    stat). On an object store, permissions live on the server, so a probe object
+    `.artifex-write-probe-<random>` is written under `directory` and deleted: two
+    requests. Raises `ConfigError` naming the directory and the reason.
+    """
+    if not is_local(directory):
+        _probe(directory)
+        return
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -47,25 +113,136 @@ def require_writable(directory: epath.Path) -> None:
     )
 
 
+def _probe(directory: epath.Path) -> None:
+    fs, root = _filesystem(directory)
+    probe = f"{root.rstrip('/')}/.artifex-write-probe-{uuid.uuid4().hex}"
+    try:
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as err:
+        raise ConfigError(
+            f"directory {os.fspath(directory)!r} is not writable: writing and deleting a "
+            f"probe object failed with {type(err).__name__}: {err}"
+        ) from err
+
+
+def tree_size(path: epath.Path) -> int:
+    """Bytes of the files under `path` (or of `path` itself, if it is a file); 0 if absent.
+
+    On an object store this is one listing (paged by the store), not a request per
+    object. Locally it stats regular files only: symbolic links are not followed, and
+    FIFOs, sockets and devices are never opened.
+
+    Example:
+        ```python
+        size = tree_size(manager.step_path(manager.best_step()))
+        ```
+    """
+    if not is_local(path):
+        fs, root = _filesystem(path)
+        found = fs.find(root, detail=True, **_no_cache_update(fs))
+        return sum(int(info.get("size") or 0) for info in found.values())
+    top = os.fspath(path)
+    try:
+        top_stat = os.lstat(top)
+    except FileNotFoundError:
+        return 0
+    if stat.S_ISREG(top_stat.st_mode):
+        return top_stat.st_size
+    total = 0
+    for root, _, names in os.walk(top):
+        for name in names:
+            # A purge may remove files while we walk.
+            with contextlib.suppress(FileNotFoundError):
+                entry = os.lstat(os.path.join(root, name))
+                if stat.S_ISREG(entry.st_mode):
+                    total += entry.st_size
+    return total
+
+
+def _filesystem(path: epath.Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    # fsspec is what epath itself uses for object stores; imported late, so that a
+    # process can still set FSSPEC_* variables after importing artifex_ckpt.
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(os.fspath(path))
+    return fs, str(root)
+
+
+def _no_cache_update(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
+    # gcsfs would fill its listing cache from this walk, and later listings through
+    # epath would miss objects that tensorstore writes behind gcsfs's back.
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return {"update_cache": False} if "gs" in protocols or "gcs" in protocols else {}
+
+
+def write_atomic_text(path: epath.Path, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the old content or the new, never half.
+
+    Locally: a temporary file beside `path`, flushed to disk, then renamed over it.
+    On an object store a single-object write is atomic already (and a rename would be
+    copy + delete), so the object is written directly, in one request.
+
+    Example:
+        ```python
+        write_atomic_text(epath.Path("gs://bucket/run/settings.json"), "{}")
+        ```
+    """
+    if not is_local(path):
+        fs, target = _filesystem(path)
+        fs.pipe_file(target, text.encode())
+        return
+    target = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def remove_unfinished(directory: epath.Path) -> None:
-    """Remove saves that never committed. Locally those carry the temporary suffix;
-    Orbax's own scan checks each entry through an event loop (~0.2 s per 1,000)."""
+    """Remove saves that never committed: entries carrying Orbax's temporary suffix.
+
+    Locally that is how every unfinished save looks; Orbax's own scan checks each entry
+    through an event loop (~0.2 s per 1,000). On gs:// Orbax saves without the suffix
+    and marks a commit with `commit_success.txt`; its own scan at start-up
+    (`cleanup_tmp_directories`) removes those, and this removes suffixed leftovers
+    (a legacy rename-based save, or a copied local directory), prefix and object alike.
+    """
     if not directory.exists():
         return
+    local = is_local(directory)
     for path in directory.iterdir():
-        if step_lib.TMP_DIR_SUFFIX in path.name:
-            path.rmtree(missing_ok=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if step_lib.TMP_DIR_SUFFIX not in path.name:
+            continue
+        if not local or path.is_dir():
+            path.rmtree(missing_ok=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 class TrashPurger:
-    """Empties `directory / TRASH`, beside the training loop or right away."""
+    """Empties `directory / TRASH`, beside the training loop or right away.
+
+    On gs:// there is no trash (Orbax deletes evicted steps itself there), and both
+    methods return at once without a request.
+    """
 
     def __init__(self, directory: epath.Path) -> None:
         self.trash = directory / TRASH
+        self._active = not os.fspath(directory).startswith(_NO_TRASH_PREFIX)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Purge in a background thread (a save may be renaming into the trash)."""
+        if not self._active:
+            return
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
                 target=self._purge, name="artifex-ckpt-purge", daemon=True
@@ -75,6 +252,8 @@ class TrashPurger:
     def finish(self) -> None:
         """Wait for a background purge, then purge and remove the trash itself.
         Call only when no save is in flight."""
+        if not self._active:
+            return
         if self._thread is not None:
             self._thread.join()
             self._thread = None

@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",
+    "CheckpointWarning",
     "ConfigError",
     "CorruptCheckpointWarning",
     "MetricError",
@@ -52,5 +53,9 @@ class CheckpointSaveError(CheckpointError, RuntimeError):
     """A save failed, possibly in the background; the cause is chained."""
 
 
-class CorruptCheckpointWarning(UserWarning):
+class CheckpointWarning(UserWarning):
+    """Something in a checkpoint directory needs attention; nothing was lost."""
+
+
+class CorruptCheckpointWarning(CheckpointWarning):
     """A checkpoint failed to restore and was skipped in favour of another one."""

@@ -1,20 +1,19 @@
 """`MetricCheckpointManager`: Orbax's `CheckpointManager` with metric-ranked top-k retention.
 
-Everything that Orbax can do is configured through `CheckpointManagerOptions`
-(`best_fn`, `best_mode`, `preservation_policy`, `save_decision_policy`,
-`step_name_format`). The subclass adds only what Orbax lacks: a NaN-safe `best_step`,
-the skip of saves that retention would delete at once, float conversion of metrics,
-clear errors, and template-named step directories.
+Everything Orbax can do is configured through `CheckpointManagerOptions`, built beforehand by
+`plan_manager`. The subclass overrides `metrics`, which Orbax calls back into while scanning
+the directory, and otherwise wraps Orbax's public methods from the outside: it converts
+metrics once, skips saves that retention would delete at once, names step directories by a
+template, ranks NaN-safely, and tidies the directory after each save commits.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,12 +23,11 @@ from orbax.checkpoint.path import step as step_lib
 
 from artifex_ckpt.config import CheckpointConfig
 from artifex_ckpt.directory import (
-    TRASH,
     TrashPurger,
     absolute,
-    is_local,
     remove_unfinished,
     require_writable,
+    write_atomic_text,
 )
 from artifex_ckpt.errors import (
     CheckpointError,
@@ -39,47 +37,26 @@ from artifex_ckpt.errors import (
     CorruptCheckpointWarning,
     StepError,
 )
-from artifex_ckpt.handlers import default_handler_registry
+from artifex_ckpt.housekeeping import Housekeeper
 from artifex_ckpt.metrics import jsonable, monitored_value, normalise_metrics, to_float
-from artifex_ckpt.naming import FilenameTemplate, TemplateNameFormat
-from artifex_ckpt.policies import EveryNEpochs, MetricRanking, RetainedOnArrival, retention_policy
-from artifex_ckpt.settings import RetentionSettings
+from artifex_ckpt.plan import ManagerPlan, plan_manager
+from artifex_ckpt.policies import BestNByRank, EveryNEpochs, RankKey, ScoredStep, would_keep
+from artifex_ckpt.settings import SETTINGS_FILE, RetentionSettings
+from artifex_ckpt.validation import Mode
 
 __all__ = ["MetricCheckpointManager"]
 
-# Options that would let retention delete what it cannot see, or race the trash purge.
-_UNSAFE_OPTIONS = {
-    "lightweight_initialize": "checkpoints opened without their metrics rank worst and "
-    "would be evicted",
-    "prevent_write_metrics": "without stored metrics the best cannot be found after a restart",
-    "enable_background_delete": "evicted checkpoints are purged beside the loop already",
-}
-# Any of these means the caller chose how items are written; otherwise arrays go uncompressed.
-_HANDLER_KWARGS = {"handler_registry", "item_handlers", "item_names", "checkpointers"}
-# Marks "metrics not given" apart from "no metrics" (None) in `should_save`.
-_UNSCORED: Any = object()
-# Retention and naming belong to the manager; an options object setting them too
-# would silently fight it.
-_OWNED_OPTIONS = (
-    "max_to_keep",
-    "keep_period",
-    "keep_time_interval",
-    "best_fn",
-    "preservation_policy",
-    "step_name_format",
-    "step_prefix",
-    "step_format_fixed_length",
-)
+_UNKNOWN: Any = object()
 
 
 class MetricCheckpointManager(ocp.CheckpointManager):
     """An Orbax `CheckpointManager` that keeps the k best checkpoints by a metric.
 
     It always keeps the newest one too (`keep_last=True`), ranks NaN and inf worst,
-    breaks ties in favour of the older checkpoint, names step directories by a
-    filename template, and stores these settings in the directory so that a manager
-    opened later without them adopts them. Arguments left as None take the stored
-    value, else the default shown in brackets.
+    breaks ties in favour of the older checkpoint, never evicts a checkpoint without a
+    score, names step directories by a filename template, and stores these settings in
+    the directory so that a manager opened later without them adopts them. Arguments left
+    as None take the stored value, else the default shown in brackets.
 
     Example:
         ```python
@@ -115,7 +92,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         directory: str | os.PathLike[str] | epath.Path,
         *,
         monitor: str | None = None,
-        mode: Literal["min", "max"] | None = None,
+        mode: Mode | None = None,
         save_top_k: int | None = None,
         keep_last: bool | None = None,
         filename: str | None = None,
@@ -127,41 +104,34 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             raise ConfigError(
                 f"directory {os.fspath(root)!r} is an existing file; pass a directory"
             )
-        # Settings must be known before Orbax's constructor scans the directory.
-        settings = RetentionSettings.resolve(
-            root,
-            monitor=monitor,
-            mode=mode,
-            save_top_k=save_top_k,
-            keep_last=keep_last,
+        explicit = dict(
+            monitor=monitor, mode=mode, save_top_k=save_top_k, keep_last=keep_last,
             filename=filename,
+        )  # fmt: skip
+        plan = plan_manager(
+            root,
+            RetentionSettings.load(root),
+            explicit,
+            options,
+            orbax_kwargs,
+            process_index=jax.process_index(),
         )
-        self._settings = settings
-        self._ranking = MetricRanking(settings.monitor, settings.mode)
-        self._retention = retention_policy(self._ranking, settings.save_top_k, settings.keep_last)
-        self._name_format = (
-            TemplateNameFormat(FilenameTemplate(settings.filename)) if settings.filename else None
-        )
-        self._step_names = self._name_format or step_lib.standard_name_format()
-        self._in_flight: int | None = None
-        self._saving = False
-        own_options = self._own_options(options, root)
-        if not own_options.read_only:
+        if not plan.read_only:
             require_writable(root)
-        if not _HANDLER_KWARGS & orbax_kwargs.keys():
-            orbax_kwargs["handler_registry"] = default_handler_registry()
-        super().__init__(root, options=own_options, **orbax_kwargs)
-        self._is_writer = not self._options.read_only and jax.process_index() == (
-            self._multiprocessing_options.primary_host or 0
-        )
-        # Written with the first save, so a mistake caught before it leaves no trace.
-        self._settings_unsaved = RetentionSettings.load(root) != settings
-        # Our trash, unless the caller chose where evicted steps go.
-        self._purger = TrashPurger(root) if self._options.todelete_subdir == TRASH else None
-        # Leftovers of a crashed run go now, so the directory is clean before a save.
-        if self._is_writer and is_local(root):
+        # What `metrics` reads; Orbax's constructor calls it while scanning the directory.
+        self._plan = plan
+        self._warned: set[int] = set()
+        super().__init__(root, options=plan.options, **plan.orbax_kwargs)
+        self._settings_unsaved = plan.settings_unsaved
+        self._in_flight: int | None = None
+        self._entry_bar: RankKey | None = _UNKNOWN
+        self._verdict: tuple[int, float | None, bool] | None = None
+        purger = TrashPurger(root) if plan.trash is not None and plan.is_writer else None
+        self._housekeeper = Housekeeper([purger.finish] if purger else [])
+        if plan.cleans_leftovers:
+            # Leftovers of a crashed run go now, so the directory is clean before a save.
             remove_unfinished(root)
-        self._finish_purge()
+        self._housekeeper.finish()
 
     @classmethod
     def from_config(
@@ -172,9 +142,15 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         **orbax_kwargs: Any,
     ) -> MetricCheckpointManager:
         """A manager for `ModelCheckpoint`'s config; `every_n_epochs` becomes its save policy."""
+        options = options or ocp.CheckpointManagerOptions()
+        if options.save_decision_policy is not None:
+            raise ConfigError(
+                f"options.save_decision_policy={options.save_decision_policy!r} conflicts "
+                "with the config's cadence (every_n_epochs); set the cadence in "
+                "CheckpointConfig, or use MetricCheckpointManager directly"
+            )
         options = dataclasses.replace(
-            options or ocp.CheckpointManagerOptions(),
-            save_decision_policy=ocm.AnySavePolicy([EveryNEpochs(config.every_n_epochs)]),
+            options, save_decision_policy=ocm.AnySavePolicy([EveryNEpochs(config.every_n_epochs)])
         )
         return cls(
             config.dirpath,
@@ -190,7 +166,12 @@ class MetricCheckpointManager(ocp.CheckpointManager):
     @property
     def settings(self) -> RetentionSettings:
         """Monitor, mode, top-k, keep_last and template in force."""
-        return self._settings
+        return self._plan.settings
+
+    @property
+    def plan(self) -> ManagerPlan:
+        """What this manager was built from, and what this process may do to its directory."""
+        return self._plan
 
     def save(
         self,
@@ -201,27 +182,30 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         force: bool | None = False,
         args: ocp.args.CheckpointArgs | None = None,
         custom_metadata: dict[str, Any] | None = None,
+        *,
+        global_step: int | None = None,
     ) -> bool:
         """Orbax's `save`, with metrics turned into floats and retention-aware skipping.
 
         Returns False (writing nothing) when the save-decision policy says no, or when
-        `keep_last=False` and the checkpoint would not enter the top k. Raises
-        `StepError` for a negative step or one not newer than the newest checkpoint,
-        and `MetricError` when `metrics` lacks the monitored metric.
+        `keep_last=False` and the checkpoint would not enter the top k. `global_step`
+        fills `{step}` in the filename template (default: `step`). Raises `StepError`
+        for a negative step or one not newer than the newest checkpoint, and
+        `MetricError` when `metrics` lacks the monitored metric.
         """
-        if self._options.read_only:
+        if self._plan.read_only:
             raise ConfigError(f"the manager of {self.directory} is read-only; it cannot save")
         self._check_new_step(step)
-        floats = normalise_metrics(metrics, self._settings.monitor)
-        custom_metadata = jsonable(custom_metadata) if custom_metadata is not None else None
-        if not force and not self.should_save(step, floats):
+        floats = normalise_metrics(metrics, self._plan.settings.monitor)
+        if not force and not self.would_keep(step, floats):
             return False
-        if self._name_format is not None:
-            global_step = (custom_metadata or {}).get("global_step", step)
-            name = self._name_format.template.render(epoch=step, metrics=floats, step=global_step)
-            self._name_format.remember(step, name)
+        custom_metadata = jsonable(custom_metadata) if custom_metadata is not None else None
+        if self._plan.name_format is not None:
+            name = self._plan.name_format.template.render(
+                epoch=step, metrics=floats, step=step if global_step is None else global_step
+            )
+            self._plan.name_format.remember(step, name)
         self._prepare_directory()
-        self._saving = True
         try:
             saved = super().save(
                 step,
@@ -236,29 +220,38 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             self._forget_name(step)
             raise
         finally:
-            self._saving = False
-        if saved:
-            self._in_flight = step
-        else:
+            self._entry_bar = _UNKNOWN
+        if not saved:
             self._forget_name(step)
-        return saved
+            return False
+        self._in_flight = step
+        if self._plan.is_writer:
+            self._housekeeper.after_save(self.is_saving_in_progress)
+        return True
 
-    def should_save(self, step: int, metrics: Any = _UNSCORED) -> bool:
-        """Orbax's save decision for `step`; given `metrics`, also the retention check.
+    def would_keep(self, step: int, metrics: Mapping[str, Any] | None) -> bool:
+        """Whether a checkpoint of `step` with `metrics` would be kept once saved.
 
-        With `keep_last=False`, a checkpoint that would not enter the top k is not
-        worth writing. Pass the metrics (a mapping, or None for an unscored save) to
-        ask before building the save arguments; only the monitored value is read.
-        Orbax's own call, without metrics, gets Orbax's answer alone.
+        Always True with `keep_last=True` (the newest is kept). Otherwise it asks the
+        retention policy whether the checkpoint would enter the top k. Only the monitored
+        value is read; ask before gathering the state to save.
         """
-        if metrics is not _UNSCORED and not self._settings.keep_last:
-            monitor = self._settings.monitor
-            score = None
-            if metrics is not None:
-                score = {monitor: to_float(monitor, monitored_value(metrics, monitor))}
-            if not self._enters_retention(step, score):
-                return False
-        return super().should_save(step)
+        if self._plan.settings.keep_last:
+            return True
+        monitor = self._plan.settings.monitor
+        value = None
+        if metrics is not None and monitor is not None:
+            value = to_float(monitor, monitored_value(metrics, monitor))
+        verdict = self._verdict
+        if verdict is not None and verdict[0] == step and verdict[1] == value:
+            return verdict[2]
+        candidate = ScoredStep(step, None if value is None or monitor is None else {monitor: value})
+        policy = self._plan.retention
+        if isinstance(policy, BestNByRank) and self._entry_bar is _UNKNOWN:
+            self._entry_bar = policy.entry_bar(self._infos())
+        keep = would_keep(policy, candidate, self._infos(), bar=self._entry_bar)
+        self._verdict = (step, value, keep)
+        return keep
 
     def wait_until_finished(self) -> None:
         """Block until the pending save commits; a failed background save raises here.
@@ -270,19 +263,24 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         try:
             super().wait_until_finished()
         except Exception as err:
-            name = None if step is None else self._step_names.build_name(step)
+            name = None if step is None else self._plan.step_name(step)
             self._forget_name(step)
             self.reload()
             raise CheckpointSaveError(
                 f"saving checkpoint {name!r} (step {step}) in {self.directory} failed: "
                 f"{type(err).__name__}: {err}"
             ) from err
-        if self._saving and self._purger is not None and self._is_writer:
-            # Called from inside save(): the training loop is waiting, so evicted
-            # checkpoints are removed beside it rather than before it.
-            self._purger.start()
-        else:
-            self._finish_purge()
+        self._housekeeper.finish()
+
+    def reload(self) -> None:
+        """Orbax's `reload`: read the directory again (after another process changed it)."""
+        super().reload()
+        self._entry_bar = _UNKNOWN
+
+    def delete(self, step: int) -> None:
+        """Orbax's `delete` of one retained step."""
+        super().delete(step)
+        self._entry_bar = _UNKNOWN
 
     def restore(
         self,
@@ -300,18 +298,16 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         return super().restore(step, items, restore_kwargs, directory=directory, args=args)
 
     def metrics(self, step: int) -> Any:
-        """Metrics stored with `step`; unreadable ones warn and count as missing."""
+        """Metrics stored with `step`. Unreadable or missing ones are recovered from the
+        directory name when the template holds the monitor; otherwise the checkpoint is
+        unscored (and so never evicted by rank). Either way it warns once, naming it."""
         try:
-            return super().metrics(step)
-        except ValueError as err:
-            warnings.warn(
-                CorruptCheckpointWarning(
-                    f"metrics of checkpoint {self.directory / self._step_names.build_name(step)} "
-                    f"cannot be read ({err}); it is treated as unscored"
-                ),
-                stacklevel=2,
-            )
-            return None
+            found = super().metrics(step)
+        except (ValueError, TypeError, OSError) as err:
+            return self._metrics_from_name(step, f"cannot be read ({err})")
+        if found is None:
+            return self._metrics_from_name(step, "are missing", quiet_if_unscored=True)
+        return found
 
     def check_intact(self, step: int) -> None:
         """Raise `CheckpointError` if `step` lacks its commit record or has unreadable
@@ -325,75 +321,78 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             raise CheckpointError(f"checkpoint {path} has unreadable metrics: {err}") from err
 
     def best_step(self) -> int | None:
-        """The best retained step; None if no retained step has a finite score."""
-        ranked = self._ranking.ranked(self._infos())
-        if not ranked or self._ranking.score(ranked[0].metrics) is None:
+        """The best retained step; None if no retained step has a finite score.
+        Without a monitor, the newest step (as in Orbax and Lightning)."""
+        ranking = self._plan.ranking
+        if ranking is None:
+            return self.latest_step()
+        ranked = ranking.ranked(self._infos())
+        if not ranked or ranking.score(ranked[0].metrics) is None:
             return None
         return ranked[0].step
 
     def ranked_steps(self) -> list[int]:
         """Retained steps that have a monitored value, best first (NaN and inf last)."""
-        infos = [i for i in self._infos() if self._ranking.value(i.metrics) is not None]
-        return [info.step for info in self._ranking.ranked(infos)]
+        ranking = self._plan.ranking
+        if ranking is None:
+            return []
+        infos = [i for i in self._infos() if ranking.value(i.metrics) is not None]
+        return [info.step for info in ranking.ranked(infos)]
 
     def score(self, step: int) -> float | None:
         """The monitored value stored with `step` (may be NaN), or None if it has none."""
         self._require_retained(step)
+        ranking = self._plan.ranking
+        if ranking is None:
+            return None
         info = next(i for i in self._infos() if i.step == step)
-        return self._ranking.value(info.metrics)
+        return ranking.value(info.metrics)
 
     def step_path(self, step: int) -> epath.Path:
         """The directory of a retained step (it exists once the save has committed)."""
         self._require_retained(step)
-        return self.directory / self._step_names.build_name(step)
-
-    def _own_options(
-        self, options: ocp.CheckpointManagerOptions | None, root: epath.Path
-    ) -> ocp.CheckpointManagerOptions:
-        options = options or ocp.CheckpointManagerOptions()
-        for name in _OWNED_OPTIONS:
-            if getattr(options, name) is not None:
-                raise ConfigError(
-                    f"options.{name}={getattr(options, name)!r} conflicts with the manager's "
-                    "own retention and naming; use save_top_k, keep_last and filename instead"
-                )
-        for name in _UNSAFE_OPTIONS:
-            if getattr(options, name):
-                raise ConfigError(
-                    f"options.{name}=True is not supported: {_UNSAFE_OPTIONS[name]}; leave it False"
-                )
-        return dataclasses.replace(
-            options,
-            best_fn=self._ranking.best_fn,
-            best_mode=self._settings.mode,
-            preservation_policy=self._retention,
-            step_name_format=self._step_names,
-            # Remote stores use Orbax's scan; locally a cheaper one runs after __init__.
-            cleanup_tmp_directories=not options.read_only and not is_local(root),
-            create=False,
-            todelete_subdir=options.todelete_subdir or TRASH,
-        )
-
-    def _prepare_directory(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if self._settings_unsaved and self._is_writer:
-            self._settings.store(self.directory)
-        self._settings_unsaved = False
-
-    def _finish_purge(self) -> None:
-        if self._purger is not None and self._is_writer:
-            self._purger.finish()
+        return self.directory / self._plan.step_name(step)
 
     def _infos(self) -> Sequence[ocm.PolicyCheckpointInfo]:
-        # Orbax's in-memory view of the directory (including a save in flight): the
-        # one list of checkpoints, so best/latest/retention can never disagree.
+        # Orbax's in-memory view of the directory (including a save in flight): the one list
+        # of checkpoints, so best/latest/retention never disagree. Orbax has no public
+        # accessor for it; this is the only private attribute read.
         return list(self._checkpoints)
 
-    def _enters_retention(self, step: int, metrics: Mapping[str, float] | None) -> bool:
-        info = ocp.checkpoint_manager.CheckpointInfo(
-            step=step, time=datetime.datetime.now(tz=datetime.UTC), metrics=metrics
+    def _metrics_from_name(
+        self, step: int, problem: str, *, quiet_if_unscored: bool = False
+    ) -> dict[str, float] | None:
+        plan = self._plan
+        monitor = plan.settings.monitor
+        name = plan.step_name(step)
+        parsed = plan.name_format.template.parse(name) if plan.name_format else None
+        recovered = (
+            {monitor: parsed[monitor]}
+            if parsed is not None and monitor is not None and monitor in parsed
+            else None
         )
-        return RetainedOnArrival(self._retention).should_save(info, self._infos())
+        if recovered is None and quiet_if_unscored:
+            return None
+        if step not in self._warned:
+            self._warned.add(step)
+            outcome = (
+                f"its {monitor} ({next(iter(recovered.values()))}) is read from its name"
+                if recovered
+                else "it is treated as unscored and kept"
+            )
+            warnings.warn(
+                CorruptCheckpointWarning(
+                    f"metrics of checkpoint {plan.directory / name} {problem}; {outcome}"
+                ),
+                stacklevel=3,
+            )
+        return recovered
+
+    def _prepare_directory(self) -> None:
+        if self._settings_unsaved and self._plan.is_writer:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_atomic_text(self.directory / SETTINGS_FILE, self._plan.settings.to_json())
+        self._settings_unsaved = False
 
     def _check_new_step(self, step: object) -> None:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -415,5 +414,5 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             )
 
     def _forget_name(self, step: int | None) -> None:
-        if self._name_format is not None and step is not None:
-            self._name_format.forget(step)
+        if self._plan.name_format is not None and step is not None:
+            self._plan.name_format.forget(step)

@@ -6,6 +6,7 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from artifex_ckpt.errors import MetricError
@@ -18,9 +19,14 @@ def to_float(name: str, value: object) -> float:
 
     Raises `MetricError` naming `name` for strings, None, booleans and arrays of size > 1.
     """
+    if isinstance(value, float):
+        return float(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     if is_scalar(value):
+        if getattr(value, "ndim", 0) == 0:
+            # float() reads a 0-d numpy or JAX array directly (one device sync).
+            return float(value)  # type: ignore[arg-type]
         return float(np.asarray(value).reshape(()))
     if isinstance(value, bool | str | bytes) or value is None:
         raise MetricError(
@@ -44,18 +50,25 @@ def is_scalar(value: object) -> bool:
     dtype = getattr(value, "dtype", None)
     if dtype is None or getattr(value, "size", None) != 1:
         return False
-    return bool(np.issubdtype(dtype, np.number))
+    # Integer, unsigned or float kinds: bool and complex are not real metrics. ml_dtypes'
+    # bfloat16 and float8 report kind "V", so they take JAX's slower check.
+    kind = getattr(dtype, "kind", None)
+    if kind == "V":
+        return bool(jax.dtypes.issubdtype(dtype, np.floating))
+    return kind in ("i", "u", "f")
 
 
 def normalise_metrics(
-    metrics: Mapping[str, object] | None, monitor: str
+    metrics: Mapping[str, object] | None, monitor: str | None
 ) -> dict[str, float] | None:
-    """Every metric as a float; `monitor` must be among them unless `metrics` is None."""
+    """Every metric as a float; `monitor` (if any) must be among them unless `metrics` is
+    None."""
     if metrics is None:
         return None
     if not isinstance(metrics, Mapping):
         raise MetricError(f"metrics={metrics!r} is not a mapping; pass a dict of name -> number")
-    monitored_value(metrics, monitor)
+    if monitor is not None:
+        monitored_value(metrics, monitor)
     return {str(name): to_float(str(name), value) for name, value in metrics.items()}
 
 

@@ -97,8 +97,23 @@ class FilenameTemplate:
 
     def parse_epoch(self, name: str) -> int | None:
         """The epoch encoded in a directory name, or None if the name is not ours."""
+        fields = self.parse(name)
+        return None if fields is None else int(fields["epoch"])
+
+    def parse(self, name: str) -> dict[str, float] | None:
+        """Every placeholder's value read back from a directory name (None if not ours).
+
+        Values are as precise as the format spec wrote them; `float("nan")` for "nan".
+        """
         match = self._pattern.fullmatch(name)
-        return int(match.group("epoch")) if match else None
+        if match is None:
+            return None
+        values: dict[str, float] = {}
+        for index, piece in enumerate(self._pieces):
+            text = match.group(f"f{index}") if piece.field is not None else None
+            if text is not None and piece.field is not None:
+                values[piece.field] = _read_number(text)
+        return values
 
     def _check_renders(self) -> None:
         sample = dict.fromkeys(self.metric_fields, _SAMPLE_METRIC)
@@ -173,17 +188,26 @@ def _parse(template: object) -> tuple[_Piece, ...]:
 
 def _step_pattern(pieces: tuple[_Piece, ...]) -> re.Pattern[str]:
     parts = []
-    seen_epoch = False
-    for piece in pieces:
+    seen: set[str] = set()
+    for index, piece in enumerate(pieces):
         parts.append(re.escape(safe_name(piece.literal)))
-        if piece.field == "epoch" and not seen_epoch:
-            parts.append(r"(?P<epoch>\d+)")
-            seen_epoch = True
-        elif piece.field == "epoch":
-            parts.append(r"\d+")
-        elif piece.field is not None:
-            parts.append(_NUMBER)
+        if piece.field is None:
+            continue
+        number = r"\d+" if piece.field in _RESERVED else _NUMBER
+        if piece.field in seen:
+            parts.append(number)
+        else:
+            # Group names must be identifiers; metric names such as "val/loss" are not.
+            parts.append(f"(?P<f{index}>{number})")
+            seen.add(piece.field)
     return re.compile("".join(parts))
+
+
+def _read_number(text: str) -> float:
+    text = text.lstrip("_").replace(",", "")
+    if text.endswith("%"):
+        return float(text[:-1]) / 100
+    return float(text)
 
 
 def _named_final(path: epath.Path) -> bool:

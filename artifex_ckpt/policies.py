@@ -1,28 +1,57 @@
 """Ranking by a monitored metric, and the Orbax policies built on it.
 
-The ranking is total: NaN, +-inf and missing values rank worst, and among equal
-scores the older checkpoint ranks better (Orbax's plain `BestN` keeps the newer).
+The ranking is total: NaN and +-inf rank worst, and among equal scores the older checkpoint
+ranks better (Orbax's plain `BestN` keeps the newer). A checkpoint without a monitored value
+(unscored: saved without metrics, or its metrics unreadable) is never evicted by rank.
+
+Example:
+    ```python
+    from orbax.checkpoint import checkpoint_managers as ocm
+
+    ranking = MetricRanking("val_loss", "min")
+    best_two = BestNByRank(ranking, 2)
+    infos = [ScoredStep(s, {"val_loss": v}) for s, v in enumerate([0.5, 0.2, 0.2, 0.9])]
+    kept = best_two.should_preserve(infos, context=ocm.PreservationContext())
+    assert list(kept) == [False, True, True, False]
+    ```
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from artifex_ckpt.validation import Mode
 
 __all__ = [
     "BestNByRank",
     "EveryNEpochs",
     "MetricRanking",
+    "Mode",
     "RetainedOnArrival",
+    "ScoredStep",
     "retention_policy",
+    "would_keep",
 ]
 
-Mode = Literal["min", "max"]
+# Larger is better: (has a finite score, signed score, -step).
 RankKey = tuple[bool, float, int]
+
+
+@dataclass(frozen=True)
+class ScoredStep:
+    """A checkpoint as retention sees it (Orbax's `PolicyCheckpointInfo` protocol)."""
+
+    step: int
+    metrics: Mapping[str, Any] | None
+    time: datetime.datetime = field(
+        default_factory=lambda: datetime.datetime.now(tz=datetime.UTC), compare=False
+    )
 
 
 @dataclass(frozen=True)
@@ -46,12 +75,22 @@ class MetricRanking:
         value = self.value(metrics)
         return value if value is not None and math.isfinite(value) else None
 
+    def key_of(self, step: int, value: float) -> RankKey:
+        """The rank of a checkpoint of `step` with monitored `value`."""
+        if not math.isfinite(value):
+            return (False, 0.0, -step)
+        return (True, -value if self.mode == "min" else value, -step)
+
     def key(self, info: ocm.PolicyCheckpointInfo) -> RankKey:
         """Larger is better: finite first, then by score, then older first."""
-        score = self.score(info.metrics)
-        if score is None:
-            return (False, 0.0, -info.step)
-        return (True, -score if self.mode == "min" else score, -info.step)
+        value = self.value(info.metrics)
+        return self.key_of(info.step, math.nan if value is None else value)
+
+    def beats(self, value: float, threshold: float | None) -> bool:
+        """Whether `value` is strictly better than `threshold` (None: no threshold)."""
+        if threshold is None:
+            return True
+        return value < threshold if self.mode == "min" else value > threshold
 
     def best_fn(self, metrics: Mapping[str, Any]) -> float:
         """Orbax's `best_fn`: never raises, and never lets NaN outrank a number."""
@@ -69,12 +108,14 @@ class MetricRanking:
 class BestNByRank:
     """`PreservationPolicy` that keeps the `n` best checkpoints by a `MetricRanking`.
 
-    Unlike `ocp.checkpoint_managers.BestN`, ties keep the older checkpoint and NaN
-    never displaces a number. `n=None` keeps everything.
+    Unlike `ocp.checkpoint_managers.BestN`, ties keep the older checkpoint, NaN never
+    displaces a number, and unscored checkpoints are kept. `n=None` keeps every scored one.
+    With a `threshold`, only scores strictly better than it compete for the top n.
     """
 
     ranking: MetricRanking
     n: int | None
+    threshold: float | None = None
 
     def should_preserve(
         self,
@@ -82,25 +123,84 @@ class BestNByRank:
         *,
         context: ocm.PreservationContext,
     ) -> Sequence[bool]:
-        if self.n is None:
-            return [True] * len(checkpoints)
-        order = sorted(
-            range(len(checkpoints)), key=lambda i: self.ranking.key(checkpoints[i]), reverse=True
+        competing = sorted(
+            (
+                (key, index)
+                for index, info in enumerate(checkpoints)
+                if (key := self._competing_key(info)) is not None
+            ),
+            reverse=True,
         )
-        kept = set(order[: self.n])
-        return [i in kept for i in range(len(checkpoints))]
+        top = {index for _, index in (competing if self.n is None else competing[: self.n])}
+        return [
+            index in top or self.ranking.value(info.metrics) is None
+            for index, info in enumerate(checkpoints)
+        ]
+
+    def entry_bar(self, checkpoints: Sequence[ocm.PolicyCheckpointInfo]) -> RankKey | None:
+        """The rank a new checkpoint must exceed to be kept; None while fewer than n compete."""
+        if self.n is None:
+            return None
+        keys = sorted(
+            (key for info in checkpoints if (key := self._competing_key(info)) is not None),
+            reverse=True,
+        )
+        if len(keys) < self.n:
+            return None
+        return keys[self.n - 1] if self.n > 0 else (True, math.inf, 0)
+
+    def admits(self, step: int, value: float | None, bar: RankKey | None) -> bool:
+        """Whether a new checkpoint of `step` with monitored `value` would be kept, given
+        `entry_bar(existing)`. The fast path of `should_preserve` for the newest checkpoint."""
+        if value is None:
+            return True
+        if not self.ranking.beats(value, self.threshold):
+            return False
+        return bar is None or self.ranking.key_of(step, value) > bar
+
+    def _competing_key(self, info: ocm.PolicyCheckpointInfo) -> RankKey | None:
+        value = self.ranking.value(info.metrics)
+        if value is None or not self.ranking.beats(value, self.threshold):
+            return None
+        return self.ranking.key_of(info.step, value)
 
 
 def retention_policy(
-    ranking: MetricRanking, save_top_k: int, keep_last: bool
+    ranking: MetricRanking | None,
+    save_top_k: int,
+    keep_last: bool,
+    threshold: float | None = None,
 ) -> ocm.PreservationPolicy:
-    """The k best (`-1`: all, `0`: none by score), plus the newest when `keep_last`."""
-    best = BestNByRank(ranking, None if save_top_k == -1 else save_top_k)
+    """The k best (`-1`: all, `0`: none by score), plus the newest when `keep_last`.
+
+    Without a ranking (no monitor) the k newest are kept, as in Lightning.
+    """
+    n = None if save_top_k == -1 else save_top_k
+    base: ocm.PreservationPolicy = (
+        ocm.LatestN(n=n) if ranking is None else BestNByRank(ranking, n, threshold)
+    )
     if not keep_last:
         # Alone, without AnyPreservationPolicy's numpy and logging: this one is also
         # asked on every eligible epoch that might not be written (B1).
-        return best
-    return ocm.AnyPreservationPolicy([best, ocm.LatestN(n=1)])
+        return base
+    return ocm.AnyPreservationPolicy([base, ocm.LatestN(n=1)])
+
+
+def would_keep(
+    policy: ocm.PreservationPolicy,
+    candidate: ScoredStep,
+    checkpoints: Sequence[ocm.PolicyCheckpointInfo],
+    *,
+    bar: RankKey | None = None,
+) -> bool:
+    """Whether `policy` would keep `candidate`, the newest checkpoint, once it is saved.
+
+    `BestNByRank` answers from `bar` (its `entry_bar(checkpoints)`, which a caller may cache);
+    other policies are asked the full question.
+    """
+    if isinstance(policy, BestNByRank):
+        return policy.admits(candidate.step, policy.ranking.value(candidate.metrics), bar)
+    return RetainedOnArrival(policy).should_save(candidate, checkpoints)
 
 
 @dataclass(frozen=True)
@@ -127,8 +227,8 @@ class EveryNEpochs:
 class RetainedOnArrival:
     """`SaveDecisionPolicy`: save only what `preservation` would keep once it is saved.
 
-    Orbax calls save-decision policies without the new step's metrics, so the manager
-    calls this one itself, with a `step` that carries them.
+    Orbax calls save-decision policies without the new step's metrics, so this one is asked
+    directly (`would_keep`), with a `step` that carries them.
     """
 
     preservation: ocm.PreservationPolicy

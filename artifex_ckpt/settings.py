@@ -1,110 +1,149 @@
 """Retention settings, validated, and stored beside the checkpoints they govern.
 
 A manager opened on a directory without settings adopts the stored ones, so
-`setup_checkpoint_manager(dir)` finds every checkpoint of a templated run.
+`setup_checkpoint_manager(dir)` finds every checkpoint of a templated run. The stored file
+carries a checksum of its content: a hand-edited or half-written file is refused rather than
+adopted, since a flipped `mode` would evict the true best at the next save.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import os
+import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from etils import epath
 
 from artifex_ckpt.errors import ConfigError, SettingsMismatchError
 from artifex_ckpt.naming import FilenameTemplate
+from artifex_ckpt.validation import (
+    Mode,
+    require_bool,
+    require_int,
+    require_mode,
+    require_monitor,
+)
 
 __all__ = ["SETTINGS_FILE", "RetentionSettings"]
 
 SETTINGS_FILE = "artifex_ckpt.json"
+_CHECKSUM = "checksum"
+# Re-ranking by another metric or direction could evict the best of the stored checkpoints.
+_FIXED = ("monitor", "mode")
 
 
 @dataclass(frozen=True)
 class RetentionSettings:
     """What a `MetricCheckpointManager` ranks by, keeps, and names its directories by.
 
+    Example:
+        ```python
+        settings = RetentionSettings(monitor="val_acc", mode="max", save_top_k=1)
+        assert settings.keep_last
+        ```
+
     Attributes:
-        monitor: Metric that ranks checkpoints.
+        monitor: Metric that ranks checkpoints; None keeps the newest `save_top_k`.
         mode: `"min"` or `"max"`.
         save_top_k: `k > 0` keeps the k best, `-1` all, `0` none by score.
         keep_last: Also keep the newest checkpoint.
         filename: Directory-name template, or None for Orbax's numeric step names.
+        initial_value_threshold: A checkpoint counts for the top k only once its score beats
+            this (Keras's option); None: no threshold.
     """
 
-    monitor: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
+    monitor: str | None = "val_loss"
+    mode: Mode = "min"
     save_top_k: int = 3
     keep_last: bool = True
     filename: str | None = None
+    initial_value_threshold: float | None = None
 
     def __post_init__(self) -> None:
-        require_monitor_and_mode(self.monitor, self.mode)
+        require_monitor(self.monitor, optional=True)
+        require_mode(self.mode)
         require_int("save_top_k", self.save_top_k, minimum=-1, accepted="-1 (all), 0 or k > 0")
-        if not isinstance(self.keep_last, bool):
-            raise ConfigError(f"keep_last={self.keep_last!r} is not a bool; pass True or False")
+        require_bool("keep_last", self.keep_last)
+        threshold = self.initial_value_threshold
+        if threshold is not None and (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or math.isnan(threshold)
+        ):
+            raise ConfigError(
+                f"initial_value_threshold={threshold!r} is not accepted; use a number or None"
+            )
+        if threshold is not None and self.monitor is None:
+            raise ConfigError(
+                f"initial_value_threshold={threshold!r} needs a monitor; monitor is None"
+            )
         if self.filename is not None:
             FilenameTemplate(self.filename)
 
-    @classmethod
-    def resolve(cls, directory: epath.Path, **explicit: Any) -> RetentionSettings:
-        """Explicit values (those not None) over the stored ones, over the defaults.
+    def resolve(self, **explicit: Any) -> RetentionSettings:
+        """These stored settings with the explicit values (those not None) put over them.
 
         Raises `SettingsMismatchError` if an explicit template, monitor or mode differs
         from the stored one: the stored checkpoints are named and ranked by them.
         """
-        stored = cls.load(directory)
         given = {name: value for name, value in explicit.items() if value is not None}
-        if stored is None:
-            return cls(**given)
-        if "filename" in given and given["filename"] != stored.filename:
+        if "filename" in given and given["filename"] != self.filename:
             raise SettingsMismatchError(
                 f"filename template {given['filename']!r} differs from the template "
-                f"{stored.filename!r} stored in {directory / SETTINGS_FILE}; its checkpoints "
-                "would not be found. Use the stored template, omit filename, or pick a new "
-                "directory"
+                f"{self.filename!r} stored in {SETTINGS_FILE}; its checkpoints would not be "
+                "found. Use the stored template, omit filename, or pick a new directory"
             )
-        for name in ("monitor", "mode"):
-            if name in given and given[name] != getattr(stored, name):
+        for name in _FIXED:
+            if name in given and given[name] != getattr(self, name):
                 raise SettingsMismatchError(
-                    f"{name}={given[name]!r} differs from {name}={getattr(stored, name)!r} "
-                    f"stored in {directory / SETTINGS_FILE}: the checkpoints there are ranked "
-                    f"by it, and re-ranking could evict the best of them. Use the stored "
-                    f"{name}, omit it, or pick a new directory"
+                    f"{name}={given[name]!r} differs from {name}={getattr(self, name)!r} "
+                    f"stored in {SETTINGS_FILE}: the checkpoints there are ranked by it, and "
+                    f"re-ranking could evict the best of them. Use the stored {name}, omit "
+                    "it, or pick a new directory"
                 )
-        return dataclasses.replace(stored, **given)
+        return dataclasses.replace(self, **given)
 
     @classmethod
     def load(cls, directory: epath.Path) -> RetentionSettings | None:
+        """The settings stored in `directory`, or None if there are none.
+
+        Raises `ConfigError` naming the file when it is not a regular file, does not parse,
+        or does not match its checksum.
+        """
         path = directory / SETTINGS_FILE
         if not path.exists():
             return None
+        if not path.is_file():
+            raise ConfigError(f"stored settings {path} is not a regular file; move it away")
         try:
             stored = json.loads(path.read_text())
-            fields = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in stored.items() if k in fields})
-        except (ValueError, TypeError) as err:
+        except (OSError, ValueError) as err:
             raise ConfigError(f"stored settings {path} cannot be read: {err}") from err
+        if not isinstance(stored, dict):
+            raise ConfigError(
+                f"stored settings {path} hold {type(stored).__name__} {stored!r}, not an object"
+            )
+        checksum = stored.pop(_CHECKSUM, None)
+        if checksum is not None and checksum != _checksum(stored):
+            raise ConfigError(
+                f"stored settings {path} do not match their checksum: the file was edited or "
+                "half written. Restore it, or delete it and pass every setting explicitly"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in stored.items() if k in known})
+        except (ConfigError, TypeError) as err:
+            raise ConfigError(f"stored settings {path} are not valid: {err}") from err
 
-    def store(self, directory: epath.Path) -> None:
-        """Write the settings atomically, so a reader never sees half a file."""
-        path = directory / SETTINGS_FILE
-        tmp = directory / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-        tmp.replace(path)
+    def to_json(self) -> str:
+        """The stored form: the fields and a checksum of them."""
+        fields = dataclasses.asdict(self)
+        return json.dumps({**fields, _CHECKSUM: _checksum(fields)}, indent=2) + "\n"
 
 
-def require_int(field: str, value: object, *, minimum: int, accepted: str) -> None:
-    """Raise `ConfigError` unless `value` is an int (not a bool) >= `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{field}={value!r} is not accepted; use {accepted}")
-
-
-def require_monitor_and_mode(monitor: object, mode: object) -> None:
-    """Raise `ConfigError` unless `monitor` names a metric and `mode` is min or max."""
-    if not isinstance(monitor, str) or not monitor.strip():
-        raise ConfigError(f"monitor={monitor!r} is empty; pass a metric name such as 'val_loss'")
-    if mode not in ("min", "max"):
-        raise ConfigError(f"mode={mode!r} is not accepted; use 'min' or 'max'")
+def _checksum(fields: dict[str, Any]) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -9,10 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from artifex_ckpt.callbacks.base import BaseCallback, CallbackList
-from artifex_ckpt.callbacks.checkpoint import ModelCheckpoint
-from artifex_ckpt.checkpointing import read_trainer_state, restore_checkpoint
-from artifex_ckpt.errors import ConfigError, WeightsOnlyError
+from artifex_ckpt.callbacks.base import BaseCallback, CallbackList, Resumable, ResumeFrom
+from artifex_ckpt.errors import ConfigError
+from artifex_ckpt.validation import require_int
 
 __all__ = ["LossFn", "Trainer"]
 
@@ -53,8 +52,7 @@ class Trainer:
         *,
         epochs: int = 10,
     ) -> None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ConfigError(f"epochs={epochs!r} is not accepted; use an integer >= 1")
+        require_int("epochs", epochs, minimum=1, accepted="an integer >= 1")
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -78,13 +76,20 @@ class Trainer:
         self,
         callbacks: Sequence[BaseCallback] | CallbackList | None = None,
         *,
-        resume: bool = False,
+        resume: bool | ResumeFrom = False,
     ) -> Trainer:
-        """Run epochs `initial_epoch .. epochs-1`; `resume=True` continues from the
-        newest checkpoint of the run's `ModelCheckpoint` (model, optimizer, epoch, step)."""
+        """Run epochs `initial_epoch .. epochs-1`.
+
+        `resume=True` (or `"latest"`) continues from the newest checkpoint of the run's
+        `ModelCheckpoint`, `"best"` from its best, an int from that step: model, optimizer,
+        epoch and global step are restored, and training continues at the next epoch.
+        """
         hooks = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         self.stop_training = False
-        self.initial_epoch = self._resume(hooks) if resume else 0
+        source: ResumeFrom | None = (
+            "latest" if resume is True else None if resume is False else resume
+        )
+        self.initial_epoch = 0 if source is None else self._resume(hooks, source, resume)
         hooks.on_train_begin(self)
         try:
             for epoch in range(self.initial_epoch, self.epochs):
@@ -129,19 +134,17 @@ class Trainer:
         self.model.train()
         return {f"val_{name}": total / max(count, 1) for name, total in totals.items()}
 
-    def _resume(self, hooks: CallbackList) -> int:
-        checkpoints = [c for c in hooks if isinstance(c, ModelCheckpoint)]
-        if not checkpoints:
-            raise ConfigError("fit(resume=True) needs a ModelCheckpoint among the callbacks")
-        manager = checkpoints[0].manager
-        try:
-            restored = restore_checkpoint(manager, self.model, "latest", optimizer=self.optimizer)
-        except WeightsOnlyError as err:
-            raise WeightsOnlyError(f"cannot resume training: {err}") from err
-        state = read_trainer_state(manager, restored)
-        self.step = int(state.get("global_step", 0))
-        self.epoch = int(state.get("epoch", restored))
-        return self.epoch + 1
+    def _resume(self, hooks: CallbackList, source: ResumeFrom, asked: object) -> int:
+        resumers = [c for c in hooks if isinstance(c, Resumable)]
+        if not resumers:
+            raise ConfigError(
+                f"fit(resume={asked!r}) needs a callback that can resume, such as "
+                "ModelCheckpoint, among the callbacks"
+            )
+        point = resumers[0].resume(self, source)
+        self.step = point.global_step
+        self.epoch = point.epoch
+        return point.epoch + 1
 
 
 def _batches(data: Batches, epoch: int) -> Iterable[Any]:

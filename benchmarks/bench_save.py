@@ -55,9 +55,8 @@ def _save_case(manager: ocp.CheckpointManager, save: Save, free: bool) -> Case:
         laps = Laps()
         save(manager, step)
         laps.mark("blocked")
-        # Orbax's own wait, not the library's override: like a training loop, which
-        # never waits between saves, leave whatever the library defers to the next save.
-        ocp.CheckpointManager.wait_until_finished(manager)
+        # Until the save committed and (for the library) its post-commit work is done.
+        manager.wait_until_finished()
         sample = laps.mark("total")
         if free:
             sample["bytes"] = _du(Path(manager.directory))  # this step alone (+ a few KiB)

@@ -196,13 +196,14 @@ def test_all_nan_means_no_best(ckpt_dir: Path) -> None:
         assert math.isnan(mgr.score(2) or 0.0)
 
 
-def test_save_without_metrics_is_unscored_and_ranks_worst(ckpt_dir: Path) -> None:
+def test_save_without_metrics_is_unscored_and_never_evicted(ckpt_dir: Path) -> None:
     with MetricCheckpointManager(ckpt_dir, save_top_k=1) as mgr:
         mgr.save(0, args=_args(0), metrics={"val_loss": 0.3})
         mgr.save(1, args=_args(1))
         mgr.save(2, args=_args(2))
-        assert sorted(mgr.all_steps()) == [0, 2]
-        assert mgr.best_step() == 0
+        mgr.save(3, args=_args(3), metrics={"val_loss": 0.1})
+        assert sorted(mgr.all_steps()) == [1, 2, 3]
+        assert mgr.best_step() == 3
         assert mgr.score(2) is None
 
 
@@ -231,15 +232,18 @@ def test_custom_loop_restores_best_with_orbax_args(ckpt_dir: Path) -> None:
     assert restored.extra == {"step": 1}
 
 
-def test_should_save_with_metrics_answers_before_any_state_is_built(ckpt_dir: Path) -> None:
+def test_would_keep_answers_before_any_state_is_built(ckpt_dir: Path) -> None:
     with MetricCheckpointManager(ckpt_dir, save_top_k=1, keep_last=False) as mgr:
         mgr.save(0, args=_args(0), metrics={"val_loss": 0.5})
-        assert mgr.should_save(1) is True  # Orbax's own decision: a newer step
-        assert mgr.should_save(1, {"val_loss": jnp.float32(0.9)}) is False
-        assert mgr.should_save(1, {"val_loss": 0.1, "other": "ignored"}) is True
-        assert mgr.should_save(1, None) is False  # unscored never enters a full top k
+        assert mgr.should_save(1) is True  # Orbax's own decision, untouched: a newer step
+        assert mgr.would_keep(1, {"val_loss": jnp.float32(0.9)}) is False
+        assert mgr.would_keep(1, {"val_loss": 0.5}) is False  # a tie keeps the older
+        assert mgr.would_keep(1, {"val_loss": 0.1, "other": "ignored"}) is True
+        assert mgr.would_keep(1, None) is True  # unscored is never evicted, so it is kept
         with pytest.raises(MetricError, match="'val_loss' is missing"):
-            mgr.should_save(1, {"loss": 0.1})
+            mgr.would_keep(1, {"loss": 0.1})
+        assert mgr.save(1, args=_args(1), metrics={"val_loss": 0.9}) is False
+        assert mgr.all_steps() == [0]
 
 
 def _item_bytes(path: Path) -> int:

@@ -1,24 +1,74 @@
-"""`BaseCallback`, `CallbackList` and the `TrainerLike` protocol they are called with."""
+"""`BaseCallback`, `CallbackList`, the `TrainerLike` protocol they are called with, and the
+`Resumable` protocol of a callback that can put a trainer back where a checkpoint left it."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
+from etils import epath
 from flax import nnx
 
-__all__ = ["BaseCallback", "CallbackList", "TrainerLike"]
+__all__ = [
+    "BaseCallback",
+    "CallbackList",
+    "Resumable",
+    "ResumeFrom",
+    "ResumePoint",
+    "TrainerLike",
+]
 
 Logs = Mapping[str, Any]
+# What `Trainer.fit(resume=...)` accepts: the newest, the best, a step, or a checkpoint's path.
+ResumeFrom = Literal["latest", "best"] | int | str | os.PathLike[str]
 
 
 @runtime_checkable
 class TrainerLike(Protocol):
-    """What a callback may rely on. `Trainer` also has `optimizer`, `step`, `epoch`,
-    `initial_epoch`, `num_batches` and a writable `stop_training`; callbacks read
-    those with `getattr(trainer, name, default)`."""
+    """What a callback may rely on: the training loop's state, readable at every hook.
 
-    model: nnx.Module
+    `optimizer` is None when the loop has none; `step` is the global step (batches trained),
+    `epoch` the current 0-based epoch, `initial_epoch` the first epoch of this `fit`,
+    `epochs` the total (None if unbounded), `num_batches` per epoch (None if unknown).
+    Callbacks may set `stop_training`.
+    """
+
+    stop_training: bool
+
+    @property
+    def model(self) -> nnx.Module: ...
+    @property
+    def optimizer(self) -> nnx.Optimizer | None: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def initial_epoch(self) -> int: ...
+    @property
+    def epochs(self) -> int | None: ...
+    @property
+    def num_batches(self) -> int | None: ...
+
+
+class ResumePoint(NamedTuple):
+    """Where a restored checkpoint left training: its step and path, the last completed
+    epoch and the global step."""
+
+    step: int
+    path: epath.Path
+    epoch: int
+    global_step: int
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """A callback that can restore a trainer's model and optimizer from a checkpoint."""
+
+    def resume(self, trainer: TrainerLike, source: ResumeFrom = "latest") -> ResumePoint:
+        """Restore `trainer` from `source` and say where training stands."""
+        ...
 
 
 class BaseCallback:

@@ -6,12 +6,12 @@ from typing import Any
 
 from etils import epath
 
-from artifex_ckpt.callbacks.base import BaseCallback, Logs, TrainerLike
-from artifex_ckpt.checkpointing import checkpoint_args
+from artifex_ckpt.callbacks.base import BaseCallback, Logs, ResumeFrom, ResumePoint, TrainerLike
+from artifex_ckpt.checkpointing import StepSpec, checkpoint_args, restore_checkpoint
 from artifex_ckpt.config import CheckpointConfig
-from artifex_ckpt.errors import CheckpointSaveError, StepError
+from artifex_ckpt.errors import CheckpointSaveError, StepError, WeightsOnlyError
 from artifex_ckpt.manager import MetricCheckpointManager
-from artifex_ckpt.metrics import is_scalar
+from artifex_ckpt.metrics import is_scalar, to_float
 from artifex_ckpt.policies import EveryNEpochs
 
 __all__ = ["ModelCheckpoint"]
@@ -24,9 +24,8 @@ class ModelCheckpoint(BaseCallback):
     epoch is written and the newest is always kept; with `save_last=False` only
     epochs entering the top `save_top_k` are written. Keyword arguments go to
     `MetricCheckpointManager.from_config` (Orbax `options`, `handler_registry`, ...).
-    Saves are asynchronous;
-    `on_train_end` waits for them and raises if one failed. Best score, paths and
-    the saved list are read from the manager, so they survive a restart.
+    Saves are asynchronous; `on_train_end` waits for them and raises if one failed. Best
+    score, paths and the saved list are read from the manager, so they survive a restart.
 
     Example:
         ```python
@@ -76,8 +75,37 @@ class ModelCheckpoint(BaseCallback):
         latest = self._manager.latest_step()
         return None if latest is None else self._manager.step_path(latest)
 
+    def resume(self, trainer: TrainerLike, source: ResumeFrom = "latest") -> ResumePoint:
+        """Restore `trainer.model` and `trainer.optimizer` from one of this run's checkpoints
+        (`"latest"`, `"best"` or a step), falling back past damaged ones for latest/best.
+
+        Raises `WeightsOnlyError` for a weights-only checkpoint: it holds no optimizer state.
+        """
+        step: StepSpec
+        if isinstance(source, int) and not isinstance(source, bool):
+            step = source
+        elif source == "latest":
+            step = "latest"
+        elif source == "best":
+            step = "best"
+        else:
+            raise StepError(
+                f"resume={source!r} is not accepted by ModelCheckpoint.resume; use 'latest', "
+                "'best' or a step"
+            )
+        try:
+            restored = restore_checkpoint(
+                self._manager, trainer.model, step, optimizer=trainer.optimizer
+            )
+        except WeightsOnlyError as err:
+            raise WeightsOnlyError(f"cannot resume training: {err}") from err
+        state = restored.trainer_state
+        epoch = int(state.get("epoch", restored.step))
+        global_step = int(state.get("global_step", restored.step))
+        return ResumePoint(restored.step, restored.path, epoch, global_step)
+
     def on_train_begin(self, trainer: TrainerLike) -> None:
-        first = getattr(trainer, "initial_epoch", 0)
+        first = trainer.initial_epoch
         latest = self._manager.latest_step()
         if latest is not None and first <= latest:
             raise StepError(
@@ -117,21 +145,24 @@ class ModelCheckpoint(BaseCallback):
         return {k: v for k, v in logs.items() if k == monitor or is_scalar(v)}
 
     def _save(self, trainer: TrainerLike, epoch: int, logs: Logs, *, force: bool) -> bool:
+        monitor = self.config.monitor
+        # Read (and sync) the monitored value once; the manager reuses the float.
+        scored = {monitor: to_float(monitor, logs[monitor])} if monitor in logs else None
         # Ask first: a checkpoint that would not be kept costs no state gathering.
-        if not force and not self._manager.should_save(epoch, logs):
+        if not force and not self._manager.would_keep(epoch, scored):
             return False
-        global_step = getattr(trainer, "step", epoch)
-        state: dict[str, Any] = {"epoch": epoch, "global_step": global_step, "logs": dict(logs)}
+        state: dict[str, Any] = {"epoch": epoch, "global_step": trainer.step, "logs": dict(logs)}
         args = checkpoint_args(
             trainer.model,
-            getattr(trainer, "optimizer", None),
+            trainer.optimizer,
             weights_only=self.config.save_weights_only,
             trainer_state=state,
         )
         return self._manager.save(
             epoch,
             args=args,
-            metrics=self._metrics(logs),
+            metrics={**self._metrics(logs), **(scored or {})},
             force=force,
-            custom_metadata={"epoch": epoch, "global_step": global_step},
+            custom_metadata={"epoch": epoch, "global_step": trainer.step},
+            global_step=trainer.step,
         )

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 from artifex_ckpt.callbacks.base import BaseCallback, Logs, TrainerLike
 from artifex_ckpt.errors import ConfigError, MetricError
 from artifex_ckpt.metrics import to_float
-from artifex_ckpt.settings import require_int, require_monitor_and_mode
+from artifex_ckpt.validation import Mode, require_int, require_mode, require_monitor
 
 __all__ = ["EarlyStopping", "EarlyStoppingConfig"]
 
@@ -29,7 +28,7 @@ class EarlyStoppingConfig:
     """
 
     monitor: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
+    mode: Mode = "min"
     patience: int = 10
     min_delta: float = 0.0
     check_finite: bool = True
@@ -37,7 +36,8 @@ class EarlyStoppingConfig:
     divergence_threshold: float | None = None
 
     def __post_init__(self) -> None:
-        require_monitor_and_mode(self.monitor, self.mode)
+        require_monitor(self.monitor)
+        require_mode(self.mode)
         require_int("patience", self.patience, minimum=0, accepted="an integer >= 0")
         if not isinstance(self.min_delta, int | float) or not self.min_delta >= 0:
             raise ConfigError(f"min_delta={self.min_delta!r} is not accepted; use a number >= 0")
@@ -79,7 +79,7 @@ class EarlyStopping(BaseCallback):
         if reason is not None:
             self.stopped_epoch = epoch
             self.stop_reason = reason
-            trainer.stop_training = True  # type: ignore[attr-defined]
+            trainer.stop_training = True
 
     def _better(self, value: float, reference: float, margin: float = 0.0) -> bool:
         if self.config.mode == "min":

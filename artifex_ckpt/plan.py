@@ -1,0 +1,157 @@
+"""The plan of a `MetricCheckpointManager`: everything Orbax needs, built before Orbax is called.
+
+`plan_manager` is a pure function of the directory, the stored and explicit settings and the
+caller's options. It returns the `CheckpointManagerOptions` (ranking, retention, naming), the
+handler arguments, and what this process may do to the directory (write, clean leftovers,
+purge evicted steps). The manager hands the plan to Orbax and keeps it; nothing is read back
+from Orbax's private attributes.
+
+Example:
+    ```python
+    from etils import epath
+
+    plan = plan_manager(epath.Path("/tmp/run"), None, {"save_top_k": 2})
+    assert plan.settings.save_top_k == 2 and plan.is_writer
+    ```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocm
+from orbax.checkpoint.path import step as step_lib
+
+from artifex_ckpt.directory import TRASH, is_local
+from artifex_ckpt.errors import ConfigError
+from artifex_ckpt.handlers import default_handler_registry
+from artifex_ckpt.naming import FilenameTemplate, TemplateNameFormat
+from artifex_ckpt.policies import MetricRanking, retention_policy
+from artifex_ckpt.settings import RetentionSettings
+
+__all__ = ["ManagerPlan", "plan_manager"]
+
+# Retention and naming belong to the manager; an options object setting them too
+# would silently fight it.
+_OWNED_OPTIONS = (
+    "max_to_keep",
+    "keep_period",
+    "keep_time_interval",
+    "best_fn",
+    "preservation_policy",
+    "step_name_format",
+    "step_prefix",
+    "step_format_fixed_length",
+)
+# Options that would let retention delete what it cannot see, or race the trash purge.
+_UNSAFE_OPTIONS = {
+    "lightweight_initialize": "checkpoints opened without their metrics could be neither "
+    "ranked nor evicted by score",
+    "prevent_write_metrics": "without stored metrics the best cannot be found after a restart",
+    "enable_background_delete": "evicted checkpoints are purged beside the loop already",
+}
+# Any of these means the caller chose how items are written; otherwise arrays go uncompressed.
+_HANDLER_KWARGS = {"handler_registry", "item_handlers", "item_names", "checkpointers"}
+
+
+@dataclass(frozen=True)
+class ManagerPlan:
+    """What a manager was built from, and what this process may do to its directory."""
+
+    directory: epath.Path
+    settings: RetentionSettings
+    settings_unsaved: bool
+    ranking: MetricRanking | None
+    retention: ocm.PreservationPolicy
+    name_format: TemplateNameFormat | None
+    step_names: step_lib.NameFormat[step_lib.Metadata]
+    options: ocp.CheckpointManagerOptions
+    orbax_kwargs: Mapping[str, Any]
+    read_only: bool
+    is_writer: bool
+    trash: epath.Path | None
+
+    @property
+    def cleans_leftovers(self) -> bool:
+        """Whether this process removes unfinished saves itself (Orbax does on object stores)."""
+        return self.is_writer and is_local(self.directory)
+
+    def step_name(self, step: int) -> str:
+        """The directory name of a known step."""
+        return self.step_names.build_name(step)
+
+
+def plan_manager(
+    directory: epath.Path,
+    stored: RetentionSettings | None,
+    explicit: Mapping[str, Any],
+    options: ocp.CheckpointManagerOptions | None = None,
+    orbax_kwargs: Mapping[str, Any] | None = None,
+    *,
+    process_index: int = 0,
+) -> ManagerPlan:
+    """Build the plan of a manager on `directory`.
+
+    `stored` are the settings found in the directory (None if none), `explicit` the
+    caller's (None values mean "not given"). Raises `ConfigError` for options that would
+    fight the manager's own retention and naming.
+    """
+    given = {name: value for name, value in explicit.items() if value is not None}
+    settings = RetentionSettings(**given) if stored is None else stored.resolve(**given)
+    ranking = None if settings.monitor is None else MetricRanking(settings.monitor, settings.mode)
+    retention = retention_policy(
+        ranking, settings.save_top_k, settings.keep_last, settings.initial_value_threshold
+    )
+    name_format = (
+        TemplateNameFormat(FilenameTemplate(settings.filename)) if settings.filename else None
+    )
+    step_names = name_format or step_lib.standard_name_format()
+    options = _checked(options or ocp.CheckpointManagerOptions())
+    read_only = bool(options.read_only)
+    primary = options.multiprocessing_options.primary_host
+    own_trash = options.todelete_subdir is None
+    kwargs = dict(orbax_kwargs or {})
+    if not _HANDLER_KWARGS & kwargs.keys():
+        kwargs["handler_registry"] = default_handler_registry()
+    return ManagerPlan(
+        directory=directory,
+        settings=settings,
+        settings_unsaved=stored != settings,
+        ranking=ranking,
+        retention=retention,
+        name_format=name_format,
+        step_names=step_names,
+        options=dataclasses.replace(
+            options,
+            best_fn=None if ranking is None else ranking.best_fn,
+            best_mode=settings.mode,
+            preservation_policy=retention,
+            step_name_format=step_names,
+            # Remote stores use Orbax's scan; locally a cheaper one runs after opening.
+            cleanup_tmp_directories=not read_only and not is_local(directory),
+            create=False,
+            todelete_subdir=TRASH if own_trash else options.todelete_subdir,
+        ),
+        orbax_kwargs=kwargs,
+        read_only=read_only,
+        is_writer=not read_only and primary in (None, process_index),
+        trash=directory / TRASH if own_trash and is_local(directory) else None,
+    )
+
+
+def _checked(options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManagerOptions:
+    for name in _OWNED_OPTIONS:
+        if getattr(options, name) is not None:
+            raise ConfigError(
+                f"options.{name}={getattr(options, name)!r} conflicts with the manager's "
+                "own retention and naming; use save_top_k, keep_last and filename instead"
+            )
+    for name, reason in _UNSAFE_OPTIONS.items():
+        if getattr(options, name):
+            raise ConfigError(f"options.{name}=True is not supported: {reason}; leave it False")
+    return options

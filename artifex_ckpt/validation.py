@@ -1,0 +1,71 @@
+"""Shared checks for settings given by users, each raising a `ConfigError` that names the field,
+the bad value and what would be accepted.
+
+Used by `CheckpointConfig`, `RetentionSettings`, `EarlyStoppingConfig` and `Trainer`, so the same
+mistake gets the same message everywhere.
+
+Example:
+    ```python
+    from artifex_ckpt.validation import require_int
+
+    require_int("save_top_k", 3, minimum=-1, accepted="-1 (all), 0 or k > 0")
+    ```
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from artifex_ckpt.errors import ConfigError
+
+__all__ = [
+    "Mode",
+    "require_bool",
+    "require_int",
+    "require_mode",
+    "require_monitor",
+    "require_number",
+]
+
+Mode = Literal["min", "max"]
+
+
+def require_int(field: str, value: object, *, minimum: int, accepted: str) -> None:
+    """Raise unless `value` is an int (not a bool) >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{field}={value!r} is not accepted; use {accepted}")
+
+
+def require_bool(field: str, value: object) -> None:
+    """Raise unless `value` is True or False."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field}={value!r} is not a bool; pass True or False")
+
+
+def require_number(field: str, value: object, *, minimum: float, accepted: str) -> None:
+    """Raise unless `value` is a finite real number (not a bool) >= `minimum`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < minimum
+    ):
+        raise ConfigError(f"{field}={value!r} is not accepted; use {accepted}")
+
+
+def require_monitor(value: object, *, optional: bool = False) -> None:
+    """Raise unless `value` names a metric (or is None, when `optional`)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        hint = " (or None to rank by recency)" if optional else ""
+        raise ConfigError(
+            f"monitor={value!r} is empty; pass a metric name such as 'val_loss'{hint}"
+        )
+
+
+def require_mode(value: object) -> None:
+    """Raise unless `value` is "min" or "max"."""
+    if value not in ("min", "max"):
+        raise ConfigError(f"mode={value!r} is not accepted; use 'min' or 'max'")
