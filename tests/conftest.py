@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
+from tests.gcs_emulator import emulator_environment, gcs_bucket, gcs_dir  # noqa: F401
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Before anything imports fsspec, gcsfs or tensorstore: gs:// goes to a local emulator.
+os.environ.update(emulator_environment())
 
 from collections.abc import Iterator
 from pathlib import Path

@@ -1,0 +1,258 @@
+"""gs:// through a local GCS emulator: the fixture, the path layer, Orbax and our manager.
+
+The emulator ignores generation preconditions, so nothing here relies on them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+from flax import nnx
+
+from artifex_ckpt import MetricCheckpointManager
+from artifex_ckpt.checkpointing import load_checkpoint, save_checkpoint
+from artifex_ckpt.directory import (
+    TrashPurger,
+    absolute,
+    remove_unfinished,
+    require_writable,
+    tree_size,
+    write_atomic_text,
+)
+from artifex_ckpt.errors import ConfigError
+from tests.conftest import TinyMLP, assert_trees_equal
+from tests.gcs_emulator import BUCKET, Emulator
+
+SYNC = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+
+
+def objects_under(path: epath.Path) -> set[str]:
+    """Object names under `path`, relative to it, straight from a fresh listing."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(os.fspath(path))
+    fs.invalidate_cache()
+    return {name[len(root) + 1 :] for name in fs.find(root)}
+
+
+# The emulator fixture.
+
+
+def test_each_test_gets_an_empty_prefix_and_objects_round_trip(
+    gcs_dir: epath.Path, gcs_bucket: Emulator
+) -> None:
+    assert os.fspath(gcs_dir).startswith(f"gs://{BUCKET}/")
+    assert objects_under(gcs_dir) == set()
+    (gcs_dir / "a" / "b.txt").write_text("hello")
+    assert (gcs_dir / "a" / "b.txt").read_text() == "hello"
+    assert objects_under(gcs_dir) == {"a/b.txt"}
+
+
+def test_request_counter_counts_and_resets(gcs_dir: epath.Path, gcs_bucket: Emulator) -> None:
+    gcs_bucket.reset_count()
+    assert gcs_bucket.request_count() == 0
+    write_atomic_text(gcs_dir / "x", "1")
+    counts = gcs_bucket.request_counts()
+    assert counts == {"total": 1, "by_method": {"POST": 1}}
+
+
+def test_rename_uses_the_patched_move_route(gcs_dir: epath.Path, gcs_bucket: Emulator) -> None:
+    # Without the moveTo route gcsfs retries for ~33 s before falling back to copy + delete.
+    (gcs_dir / "old").write_text("moved")
+    gcs_bucket.reset_count()
+    (gcs_dir / "old").rename(gcs_dir / "new")
+    assert gcs_bucket.request_counts()["by_method"].get("POST") == 1
+    assert objects_under(gcs_dir) == {"new"}
+    assert (gcs_dir / "new").read_text() == "moved"
+
+
+# absolute()
+
+
+def test_absolute_keeps_object_store_urls() -> None:
+    assert os.fspath(absolute("gs://bucket/run/")) == "gs://bucket/run"
+    assert os.fspath(absolute(epath.Path("gs://bucket/run"))) == "gs://bucket/run"
+    assert os.fspath(absolute("GS://bucket/run")) == "gs://bucket/run"
+    assert os.fspath(absolute("s3://bucket/run")) == "s3://bucket/run"
+
+
+def test_absolute_expands_home_and_makes_local_paths_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(absolute("~/runs")) == str(tmp_path / "runs")
+    assert os.fspath(absolute(Path("~/runs"))) == str(tmp_path / "runs")
+    assert os.fspath(absolute("runs")) == str(tmp_path / "runs")
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("", "is empty"),
+        ("runs\0x", "NUL"),
+        ("weird://x", "scheme 'weird://'"),
+        ("file:///tmp/x", "scheme 'file://'"),
+        ("/tmp/a://b", "not a scheme"),
+        ("gs://", "names no bucket"),
+        ("gs:///x", "names no bucket"),
+        (b"/tmp/x", "not a path"),
+        (3, "not a path"),
+    ],
+)
+def test_absolute_rejects_what_is_no_directory(value: object, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason) as info:
+        absolute(value)  # type: ignore[arg-type]
+    assert repr(value) in str(info.value)
+    assert "gs://bucket/prefix" in str(info.value)
+
+
+# require_writable()
+
+
+def test_writable_probe_costs_two_requests_and_leaves_nothing(
+    gcs_dir: epath.Path, gcs_bucket: Emulator
+) -> None:
+    gcs_bucket.reset_count()
+    require_writable(gcs_dir)
+    assert gcs_bucket.request_count() == 2
+    assert objects_under(gcs_dir) == set()
+
+
+def test_missing_bucket_is_not_writable(gcs_bucket: Emulator) -> None:
+    directory = epath.Path(f"gs://no-such-bucket-{uuid.uuid4().hex[:8]}/run")
+    with pytest.raises(ConfigError, match="is not writable") as info:
+        require_writable(directory)
+    assert os.fspath(directory) in str(info.value)
+
+
+def test_local_file_in_the_way_is_not_writable(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        require_writable(epath.Path(tmp_path / "file" / "run"))
+
+
+# tree_size()
+
+
+def test_tree_size_on_gcs_is_one_listing(gcs_dir: epath.Path, gcs_bucket: Emulator) -> None:
+    (gcs_dir / "1" / "a").write_bytes(b"x" * 5)
+    (gcs_dir / "1" / "deep" / "b").write_bytes(b"x" * 7)
+    (gcs_dir / "2" / "c").write_bytes(b"x" * 11)
+    gcs_bucket.reset_count()
+    assert tree_size(gcs_dir) == 23
+    assert gcs_bucket.request_count() == 1
+    assert tree_size(gcs_dir / "1") == 12
+    assert tree_size(gcs_dir / "2" / "c") == 11
+    assert tree_size(gcs_dir / "absent") == 0
+
+
+def test_tree_size_local_counts_regular_files_only(tmp_path: Path) -> None:
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "d" / "a").write_bytes(b"x" * 5)
+    (tmp_path / "d" / "e" / "b").write_bytes(b"x" * 7)
+    (tmp_path / "outside").write_bytes(b"x" * 1000)
+    (tmp_path / "d" / "link").symlink_to(tmp_path / "outside")
+    os.mkfifo(tmp_path / "d" / "fifo")
+    sizes: list[int] = []
+    # Opening the FIFO would block forever; a thread lets the test fail instead of hang.
+    worker = threading.Thread(target=lambda: sizes.append(tree_size(epath.Path(tmp_path / "d"))))
+    worker.start()
+    worker.join(timeout=10)
+    assert sizes == [12]
+    assert tree_size(epath.Path(tmp_path / "d" / "a")) == 5
+    assert tree_size(epath.Path(tmp_path / "absent")) == 0
+
+
+# write_atomic_text()
+
+
+def test_write_atomic_text_on_gcs_is_one_request(gcs_dir: epath.Path, gcs_bucket: Emulator) -> None:
+    target = gcs_dir / "settings.json"
+    write_atomic_text(target, "old")
+    gcs_bucket.reset_count()
+    write_atomic_text(target, "new")
+    assert gcs_bucket.request_count() == 1
+    assert target.read_text() == "new"
+    assert objects_under(gcs_dir) == {"settings.json"}
+
+
+def test_write_atomic_text_locally_replaces_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = epath.Path(tmp_path / "settings.json")
+    write_atomic_text(target, "old")
+    write_atomic_text(target, "new")
+    assert target.read_text() == "new"
+    assert os.listdir(tmp_path) == ["settings.json"]
+
+
+def test_write_atomic_text_failing_rename_keeps_old_and_cleans_up(tmp_path: Path) -> None:
+    (tmp_path / "settings.json").mkdir()  # a directory cannot be replaced by a file
+    with pytest.raises(OSError):
+        write_atomic_text(epath.Path(tmp_path / "settings.json"), "new")
+    assert os.listdir(tmp_path) == ["settings.json"]
+    assert (tmp_path / "settings.json").is_dir()
+
+
+# remove_unfinished() and the trash
+
+
+def test_remove_unfinished_on_gcs_removes_suffixed_prefixes_and_objects(
+    gcs_dir: epath.Path,
+) -> None:
+    (gcs_dir / "3.orbax-checkpoint-tmp-17" / "d" / "x").write_text("partial")
+    (gcs_dir / "4.orbax-checkpoint-tmp-18").write_text("stray object")
+    (gcs_dir / "2" / "commit_success.txt").write_text("ok")
+    remove_unfinished(gcs_dir)
+    assert objects_under(gcs_dir) == {"2/commit_success.txt"}
+
+
+def test_trash_purger_on_gcs_sends_no_request(gcs_dir: epath.Path, gcs_bucket: Emulator) -> None:
+    purger = TrashPurger(gcs_dir)
+    gcs_bucket.reset_count()
+    purger.start()
+    purger.finish()
+    assert gcs_bucket.request_count() == 0
+
+
+# Orbax and our manager on gs://
+
+
+def test_plain_orbax_saves_and_restores_on_gcs(gcs_dir: epath.Path) -> None:
+    tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], np.int64)}
+    with ocp.CheckpointManager(gcs_dir, options=SYNC) as manager:
+        manager.save(0, args=ocp.args.StandardSave(tree))
+    with ocp.CheckpointManager(gcs_dir) as manager:
+        assert manager.all_steps() == [0]
+        restored = manager.restore(0, args=ocp.args.StandardRestore(tree))
+    assert_trees_equal(restored, tree)
+    assert "0/commit_success.txt" in objects_under(gcs_dir)
+
+
+def test_metric_manager_keeps_best_and_last_on_gcs(gcs_dir: epath.Path, model: TinyMLP) -> None:
+    losses = [0.5, 0.3, 0.4]
+    with MetricCheckpointManager(gcs_dir, monitor="val_loss", save_top_k=1) as manager:
+        for step, loss in enumerate(losses):
+            model.out.bias[...] = model.out.bias[...] + 1.0
+            assert save_checkpoint(manager, model, step, metrics={"val_loss": loss})
+            if step == 1:
+                best_state = TinyMLP(nnx.Rngs(1))
+                load_checkpoint(manager, best_state, 1)
+        manager.wait_until_finished()
+        assert manager.best_step() == 1
+        assert sorted(manager.all_steps()) == [1, 2]
+    top = {name.split("/", 1)[0] for name in objects_under(gcs_dir)}
+    assert "0" not in top
+    assert {"1", "2"} <= top
+    assert not any(name.startswith(".") for name in top)
+    with MetricCheckpointManager(gcs_dir) as reopened:
+        assert reopened.best_step() == 1
+        assert reopened.score(1) == pytest.approx(0.3)
+        restored = load_checkpoint(reopened, TinyMLP(nnx.Rngs(2)), "best")
+    assert_trees_equal(restored, best_state)
