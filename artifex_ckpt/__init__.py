@@ -10,6 +10,8 @@ from artifex_ckpt.callbacks import (
     ModelCheckpoint,
     ProgressBarCallback,
     ProgressBarConfig,
+    Resumable,
+    ResumePoint,
     TrainerLike,
 )
 from artifex_ckpt.checkpointing import load_checkpoint, save_checkpoint, setup_checkpoint_manager
@@ -18,16 +20,27 @@ from artifex_ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointSaveError,
+    CheckpointWarning,
     ConfigError,
+    CorruptCheckpointError,
     CorruptCheckpointWarning,
     MetricError,
+    ModelMismatchError,
     SettingsMismatchError,
     StepError,
     WeightsOnlyError,
 )
 from artifex_ckpt.manager import MetricCheckpointManager
 from artifex_ckpt.naming import FilenameTemplate
-from artifex_ckpt.policies import BestNByRank, EveryNEpochs, MetricRanking, RetainedOnArrival
+from artifex_ckpt.ownership import OwnershipError, StaleLeaseWarning
+from artifex_ckpt.policies import (
+    BestNByRank,
+    EveryInterval,
+    EveryNEpochs,
+    MetricRanking,
+    RetainedOnArrival,
+)
+from artifex_ckpt.preemption import TrainingPreempted
 from artifex_ckpt.settings import RetentionSettings
 from artifex_ckpt.trainer import Trainer
 
@@ -39,24 +52,33 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",
+    "CheckpointWarning",
     "ConfigError",
+    "CorruptCheckpointError",
     "CorruptCheckpointWarning",
     "EarlyStopping",
     "EarlyStoppingConfig",
+    "EveryInterval",
     "EveryNEpochs",
     "FilenameTemplate",
     "MetricCheckpointManager",
     "MetricError",
     "MetricRanking",
     "ModelCheckpoint",
+    "ModelMismatchError",
+    "OwnershipError",
     "ProgressBarCallback",
     "ProgressBarConfig",
+    "Resumable",
+    "ResumePoint",
     "RetainedOnArrival",
     "RetentionSettings",
     "SettingsMismatchError",
+    "StaleLeaseWarning",
     "StepError",
     "Trainer",
     "TrainerLike",
+    "TrainingPreempted",
     "WeightsOnlyError",
     "load_checkpoint",
     "save_checkpoint",

@@ -14,15 +14,19 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from artifex_ckpt.data_state import DATA_ITEM, data_restore_args, data_save_args, has_data_state
 from artifex_ckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointWarning,
+    ModelMismatchError,
     WeightsOnlyError,
 )
+from artifex_ckpt.history import Decision
 from artifex_ckpt.manager import MetricCheckpointManager
 from artifex_ckpt.metrics import jsonable
 
@@ -74,13 +78,18 @@ def checkpoint_args(
     *,
     weights_only: bool = False,
     trainer_state: Mapping[str, Any] | None = None,
+    data_iterator: object = None,
 ) -> ocp.args.Composite:
-    """The Orbax save args for a model (and optimizer) in this project's layout."""
+    """The Orbax save args for a model (and optimizer) in this project's layout; a grain
+    `data_iterator`'s position is saved as the item `data`."""
     items: dict[str, ocp.args.CheckpointArgs] = {
         MODEL: ocp.args.StandardSave(nnx.to_pure_dict(_model_state(model, weights_only)))
     }
     if optimizer is not None and not weights_only:
         items[OPTIMIZER] = ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer)))
+    data = data_save_args(data_iterator)
+    if data is not None:
+        items[DATA_ITEM] = data
     info = {**jsonable(dict(trainer_state or {})), "weights_only": weights_only}
     items[TRAINER_STATE] = ocp.args.JsonSave(info)
     return ocp.args.Composite(**items)
@@ -120,21 +129,24 @@ def load_checkpoint(
     step: StepSpec = None,
     *,
     optimizer: nnx.Optimizer | None = None,
+    verify: bool = True,
 ) -> nnx.Module:
     """Restore a checkpoint into `model` (and `optimizer`) in place, and return `model`.
 
     `step` is an int, `None`/`"latest"` (the newest) or `"best"`. Pending saves are
-    waited for first. With `"latest"` or `"best"`, a checkpoint that fails to restore is
-    skipped with a `CorruptCheckpointWarning` naming its path and the error, and the
-    next newest (or next best) one is tried; nothing is deleted. An explicit int step
-    that fails raises.
+    waited for first. The checkpoint's files are checked against its manifest first: sizes
+    always, checksums unless `verify=False`. With `"latest"` or `"best"`, a checkpoint that
+    is damaged or fails to restore is skipped with a `CorruptCheckpointWarning` naming its
+    path and the error, and the next newest (or next best) one is tried; nothing is deleted.
+    An explicit int step that fails raises. A checkpoint that is intact but does not fit
+    `model` raises `ModelMismatchError` at once: that is not damage.
 
     Example:
         ```python
         load_checkpoint(manager, model, "best")
         ```
     """
-    restore_checkpoint(manager, model, step, optimizer=optimizer)
+    restore_checkpoint(manager, model, step, optimizer=optimizer, verify=verify)
     return model
 
 
@@ -144,8 +156,15 @@ def restore_checkpoint(
     step: StepSpec = None,
     *,
     optimizer: nnx.Optimizer | None = None,
+    verify: bool = True,
+    by: str | None = None,
+    data_iterator: object = None,
 ) -> RestoredCheckpoint:
     """`load_checkpoint`, returning what was restored (after any fallback).
+
+    `by` names the caller in the run's decision history ("resume", ...; default "load
+    best", "load latest" or "load step"). A grain `data_iterator` is set to the position
+    saved with the checkpoint, when it has one.
 
     Example:
         ```python
@@ -154,23 +173,31 @@ def restore_checkpoint(
         ```
     """
     manager.wait_until_finished()
+    by = by or ("load step" if isinstance(step, int) else f"load {step or 'latest'}")
     candidates = _candidates(manager, step)
     for index, candidate in enumerate(candidates):
+        path = manager.step_path(candidate)
         try:
-            state = _restore_into(manager, candidate, model, optimizer)
-            return RestoredCheckpoint(candidate, manager.step_path(candidate), state)
-        except WeightsOnlyError:
+            state = _restore_into(
+                manager, candidate, model, optimizer, deep=verify, data_iterator=data_iterator
+            )
+        except (WeightsOnlyError, ModelMismatchError):
             raise
         except Exception as err:
+            error = f"{type(err).__name__}: {err}"
+            manager.record(Decision.skipped_corrupt(candidate, path.name, by=by, error=error))
             if isinstance(step, int) or index == len(candidates) - 1:
                 raise
             warnings.warn(
                 CorruptCheckpointWarning(
-                    f"checkpoint {manager.step_path(candidate)} failed to restore "
-                    f"({type(err).__name__}: {err}); trying step {candidates[index + 1]}"
+                    f"checkpoint {path} failed to restore ({error}); trying step "
+                    f"{candidates[index + 1]}"
                 ),
                 stacklevel=3,
             )
+            continue
+        manager.record(Decision.restored(candidate, path.name, by=by))
+        return RestoredCheckpoint(candidate, path, state)
     raise AssertionError("unreachable: _candidates never returns an empty list")
 
 
@@ -205,8 +232,11 @@ def _restore_into(
     step: int,
     model: nnx.Module,
     optimizer: nnx.Optimizer | None,
+    *,
+    deep: bool,
+    data_iterator: object = None,
 ) -> dict[str, Any]:
-    manager.check_intact(step)
+    manager.check_intact(step, deep=deep)
     info = read_trainer_state(manager, step)
     weights_only = bool(info.get("weights_only", False))
     if optimizer is not None and weights_only:
@@ -215,10 +245,17 @@ def _restore_into(
             "restored into a model, but has no optimizer state to resume training from"
         )
     model_state = _model_state(model, weights_only)
-    items = {MODEL: ocp.args.StandardRestore(nnx.to_pure_dict(model_state))}
+    targets = {MODEL: nnx.to_pure_dict(model_state)}
     if optimizer is not None:
         optimizer_state = nnx.state(optimizer)
-        items[OPTIMIZER] = ocp.args.StandardRestore(nnx.to_pure_dict(optimizer_state))
+        targets[OPTIMIZER] = nnx.to_pure_dict(optimizer_state)
+    _require_fit(manager, step, targets)
+    items: dict[str, ocp.args.CheckpointArgs] = {
+        name: ocp.args.StandardRestore(target) for name, target in targets.items()
+    }
+    data = data_restore_args(data_iterator)
+    if data is not None and has_data_state(manager.step_path(step)):
+        items[DATA_ITEM] = data
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     nnx.replace_by_pure_dict(model_state, restored[MODEL])
     nnx.update(model, model_state)
@@ -226,3 +263,51 @@ def _restore_into(
         nnx.replace_by_pure_dict(optimizer_state, restored[OPTIMIZER])
         nnx.update(optimizer, optimizer_state)
     return info
+
+
+def _require_fit(manager: MetricCheckpointManager, step: int, targets: Mapping[str, Any]) -> None:
+    """Raise `ModelMismatchError` if the stored arrays' paths or shapes differ from the
+    targets'. Unreadable metadata is left to the restore (and counts as damage there)."""
+    path = manager.step_path(step)
+    try:
+        # Read each item's own metadata: the manager knows an item's handler only once it
+        # has used it.
+        reader = ocp.PyTreeCheckpointHandler()
+        stored = {name: _shapes(reader.metadata(path / name).tree) for name in targets}
+    except Exception:
+        return
+    for name, target in targets.items():
+        wanted = _shapes(target)
+        if stored[name] == wanted:
+            continue
+        missing = sorted(wanted.keys() - stored[name].keys())
+        extra = sorted(stored[name].keys() - wanted.keys())
+        differ = [
+            f"{path}: checkpoint {stored[name][path]}, {name} {shape}"
+            for path, shape in sorted(wanted.items())
+            if path in stored[name] and stored[name][path] != shape
+        ]
+        details = "; ".join(
+            part
+            for part in (
+                f"missing in the checkpoint: {missing[:5]}" if missing else "",
+                f"not in the {name}: {extra[:5]}" if extra else "",
+                f"shapes differ: {differ[:5]}" if differ else "",
+            )
+            if part
+        )
+        raise ModelMismatchError(
+            f"checkpoint {manager.step_path(step)} does not fit the {name} it is restored "
+            f"into ({details}); build the {name} with the architecture it was saved from"
+        )
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    # Integer keys (an optimizer's state list) come back from storage as strings.
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path): tuple(
+            getattr(leaf, "shape", ())
+        )
+        for path, leaf in leaves
+    }

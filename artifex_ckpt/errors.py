@@ -13,8 +13,10 @@ __all__ = [
     "CheckpointSaveError",
     "CheckpointWarning",
     "ConfigError",
+    "CorruptCheckpointError",
     "CorruptCheckpointWarning",
     "MetricError",
+    "ModelMismatchError",
     "SettingsMismatchError",
     "StepError",
     "WeightsOnlyError",
@@ -43,6 +45,14 @@ class StepError(CheckpointError, ValueError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No retained checkpoint matches the request."""
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """A checkpoint's files are damaged: missing, truncated, or not matching their checksums."""
+
+
+class ModelMismatchError(CheckpointError, ValueError):
+    """A checkpoint is intact but does not fit the model or optimizer it is restored into."""
 
 
 class WeightsOnlyError(CheckpointError, ValueError):

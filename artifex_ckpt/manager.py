@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,28 +25,44 @@ from artifex_ckpt.config import CheckpointConfig
 from artifex_ckpt.directory import (
     TrashPurger,
     absolute,
+    is_local,
     remove_unfinished,
     require_writable,
     write_atomic_text,
 )
 from artifex_ckpt.errors import (
-    CheckpointError,
     CheckpointNotFoundError,
     CheckpointSaveError,
     ConfigError,
+    CorruptCheckpointError,
     CorruptCheckpointWarning,
     StepError,
 )
+from artifex_ckpt.history import Decision, DecisionHistory
 from artifex_ckpt.housekeeping import Housekeeper
+from artifex_ckpt.journal import Committing, Journal
+from artifex_ckpt.manifest import ManifestCheck, verify
 from artifex_ckpt.metrics import jsonable, monitored_value, normalise_metrics, to_float
+from artifex_ckpt.naming import PARTIAL_TAGS, PartialTag
+from artifex_ckpt.ownership import acquire
 from artifex_ckpt.plan import ManagerPlan, plan_manager
-from artifex_ckpt.policies import BestNByRank, EveryNEpochs, RankKey, ScoredStep, would_keep
+from artifex_ckpt.policies import (
+    PARTIAL_METRIC,
+    BestNByRank,
+    RankKey,
+    ScoredStep,
+    cadence_policy,
+    is_partial,
+    would_keep,
+)
 from artifex_ckpt.settings import SETTINGS_FILE, RetentionSettings
 from artifex_ckpt.validation import Mode
 
 __all__ = ["MetricCheckpointManager"]
 
 _UNKNOWN: Any = object()
+# A writer whose heartbeat (every 30 s) stopped this long ago is presumed gone.
+STALE_AFTER_S = 300.0
 
 
 class MetricCheckpointManager(ocp.CheckpointManager):
@@ -63,7 +79,9 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         import orbax.checkpoint as ocp
         from artifex_ckpt import MetricCheckpointManager
 
-        with MetricCheckpointManager("/tmp/run", monitor="val_loss", save_top_k=2,
+        import tempfile
+
+        with MetricCheckpointManager(tempfile.mkdtemp(), monitor="val_loss", save_top_k=2,
                                      filename="ckpt-{epoch:03d}-{val_loss:.3f}") as mgr:
             for step, loss in enumerate([0.9, 0.5, 0.7]):
                 mgr.save(step, args=ocp.args.StandardSave({"w": [1.0, 2.0]}),
@@ -84,6 +102,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             [Orbax's numeric step names].
         options: Other `ocp.CheckpointManagerOptions` (async, save decision policy,
             multiprocessing, ...). Retention and naming options are refused.
+        retention: Complete settings instead of the five arguments above (there,
+            `monitor=None` means "no monitor": keep the newest `save_top_k`).
         **orbax_kwargs: Passed to `ocp.CheckpointManager` (`handler_registry`, ...).
     """
 
@@ -97,6 +117,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         keep_last: bool | None = None,
         filename: str | None = None,
         options: ocp.CheckpointManagerOptions | None = None,
+        retention: RetentionSettings | None = None,
         **orbax_kwargs: Any,
     ) -> None:
         root = absolute(directory)
@@ -104,7 +125,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             raise ConfigError(
                 f"directory {os.fspath(root)!r} is an existing file; pass a directory"
             )
-        explicit = dict(
+        explicit = retention or dict(
             monitor=monitor, mode=mode, save_top_k=save_top_k, keep_last=keep_last,
             filename=filename,
         )  # fmt: skip
@@ -121,13 +142,28 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         # What `metrics` reads; Orbax's constructor calls it while scanning the directory.
         self._plan = plan
         self._warned: set[int] = set()
-        super().__init__(root, options=plan.options, **plan.orbax_kwargs)
+        # One writer per directory: refused here, before anything is written.
+        self._made = _missing_dirs(root) if plan.is_writer and is_local(root) else []
+        self._lease = (
+            acquire(root, stale_after_s=STALE_AFTER_S).keep_alive() if plan.is_writer else None
+        )
+        try:
+            super().__init__(root, options=plan.options, **plan.orbax_kwargs)
+        except BaseException:
+            self._release()
+            raise
         self._settings_unsaved = plan.settings_unsaved
         self._in_flight: int | None = None
         self._entry_bar: RankKey | None = _UNKNOWN
         self._verdict: tuple[int, float | None, bool] | None = None
-        purger = TrashPurger(root) if plan.trash is not None and plan.is_writer else None
-        self._housekeeper = Housekeeper([purger.finish] if purger else [])
+        tasks = []
+        self._journal: Journal | None = None
+        if plan.is_writer:
+            if plan.trash is not None:
+                tasks.append(TrashPurger(root).finish)
+            self._journal = Journal(DecisionHistory(root), k=plan.settings.save_top_k)
+            tasks.append(self._journal.flush)
+        self._housekeeper = Housekeeper(tasks)
         if plan.cleans_leftovers:
             # Leftovers of a crashed run go now, so the directory is clean before a save.
             remove_unfinished(root)
@@ -141,27 +177,19 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         options: ocp.CheckpointManagerOptions | None = None,
         **orbax_kwargs: Any,
     ) -> MetricCheckpointManager:
-        """A manager for `ModelCheckpoint`'s config; `every_n_epochs` becomes its save policy."""
+        """A manager for `ModelCheckpoint`'s config; its cadence becomes the save policy."""
         options = options or ocp.CheckpointManagerOptions()
         if options.save_decision_policy is not None:
             raise ConfigError(
                 f"options.save_decision_policy={options.save_decision_policy!r} conflicts "
-                "with the config's cadence (every_n_epochs); set the cadence in "
-                "CheckpointConfig, or use MetricCheckpointManager directly"
+                "with the config's cadence (every_n_epochs, every_n_train_steps, "
+                "train_time_interval); set the cadence in CheckpointConfig, or use "
+                "MetricCheckpointManager directly"
             )
         options = dataclasses.replace(
-            options, save_decision_policy=ocm.AnySavePolicy([EveryNEpochs(config.every_n_epochs)])
+            options, save_decision_policy=ocm.AnySavePolicy([cadence_policy(config)])
         )
-        return cls(
-            config.dirpath,
-            monitor=config.monitor,
-            mode=config.mode,
-            save_top_k=config.save_top_k,
-            keep_last=config.save_last,
-            filename=config.filename,
-            options=options,
-            **orbax_kwargs,
-        )
+        return cls(config.dirpath, options=options, retention=config.retention(), **orbax_kwargs)
 
     @property
     def settings(self) -> RetentionSettings:
@@ -180,32 +208,45 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         save_kwargs: Any = None,
         metrics: Mapping[str, Any] | None = None,
         force: bool | None = False,
-        args: ocp.args.CheckpointArgs | None = None,
+        args: ocp.args.CheckpointArgs | Callable[[], ocp.args.CheckpointArgs] | None = None,
         custom_metadata: dict[str, Any] | None = None,
         *,
+        epoch: int | None = None,
         global_step: int | None = None,
+        partial: PartialTag | None = None,
     ) -> bool:
         """Orbax's `save`, with metrics turned into floats and retention-aware skipping.
 
         Returns False (writing nothing) when the save-decision policy says no, or when
-        `keep_last=False` and the checkpoint would not enter the top k. `global_step`
-        fills `{step}` in the filename template (default: `step`). Raises `StepError`
-        for a negative step or one not newer than the newest checkpoint, and
+        `keep_last=False` and the checkpoint would not enter the top k. `args` may also be
+        a function returning them, called only if the checkpoint is written (so a skipped
+        epoch gathers no state). `epoch` and `global_step` fill `{epoch}` and `{step}` in
+        the filename template (each defaults to `step`). `partial="preempted"` (or "exception")
+        writes a checkpoint taken mid-epoch whatever the policies say: unscored, its name
+        ends in `-<reason>`, and retention keeps it only while it is the newest. Raises
+        `StepError` for a negative step or one not newer than the newest checkpoint, and
         `MetricError` when `metrics` lacks the monitored metric.
         """
         if self._plan.read_only:
             raise ConfigError(f"the manager of {self.directory} is read-only; it cannot save")
+        if self._lease is not None:
+            self._lease.refresh()  # raises OwnershipError if another run took the directory
         self._check_new_step(step)
-        floats = normalise_metrics(metrics, self._plan.settings.monitor)
+        if partial is not None:
+            if partial not in PARTIAL_TAGS:
+                raise ConfigError(f"partial={partial!r} is not accepted; use one of {PARTIAL_TAGS}")
+            metrics, force = {PARTIAL_METRIC: 1.0}, True
+        floats = normalise_metrics(metrics, None if partial else self._plan.settings.monitor)
         if not force and not self.would_keep(step, floats):
+            if self._journal is not None:
+                self._journal.declined(step, self._score(floats), kth=self._kth())
             return False
+        if callable(args):
+            args = args()
         custom_metadata = jsonable(custom_metadata) if custom_metadata is not None else None
-        if self._plan.name_format is not None:
-            name = self._plan.name_format.template.render(
-                epoch=step, metrics=floats, step=step if global_step is None else global_step
-            )
-            self._plan.name_format.remember(step, name)
+        name = self._name(step, floats, epoch, global_step, partial)
         self._prepare_directory()
+        before = {info.step: info.metrics for info in self._infos()}
         try:
             saved = super().save(
                 step,
@@ -225,9 +266,20 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             self._forget_name(step)
             return False
         self._in_flight = step
-        if self._plan.is_writer:
+        if self._journal is not None:
+            self._journal.committing(self._committing(step, name, floats, before))
             self._housekeeper.after_save(self.is_saving_in_progress)
         return True
+
+    def is_partial(self, step: int) -> bool:
+        """Whether `step` was written mid-epoch (`save(..., partial=...)`)."""
+        return any(info.step == step and is_partial(info.metrics) for info in self._infos())
+
+    def reached_preemption(self, step: int) -> bool:
+        """Always False: JAX's preemption sync point must be polled with one increasing
+        step sequence on every host, and `Trainer` polls it with the global step
+        (`PreemptionGuard`); polling here too, with epoch numbers, would move it."""
+        return False
 
     def would_keep(self, step: int, metrics: Mapping[str, Any] | None) -> bool:
         """Whether a checkpoint of `step` with `metrics` would be kept once saved.
@@ -272,6 +324,28 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             ) from err
         self._housekeeper.finish()
 
+    def close(self) -> None:
+        """Orbax's `close`: wait for the pending save and its post-commit work, then release
+        the directory (its ownership, and the directory itself if this manager created it
+        and wrote nothing)."""
+        try:
+            super().close()
+            if self._journal is not None:
+                self._journal.history.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lease is None:
+            return
+        self._lease.release()
+        self._lease = None
+        for made in self._made:  # deepest first; one that is not empty stays, with its parents
+            try:
+                made.rmdir()
+            except (OSError, ValueError):
+                break
+
     def reload(self) -> None:
         """Orbax's `reload`: read the directory again (after another process changed it)."""
         super().reload()
@@ -309,27 +383,54 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             return self._metrics_from_name(step, "are missing", quiet_if_unscored=True)
         return found
 
-    def check_intact(self, step: int) -> None:
-        """Raise `CheckpointError` if `step` lacks its commit record or has unreadable
-        metrics. Cheap: it reads two small files, not the arrays."""
+    def check_intact(self, step: int, *, deep: bool = False) -> ManifestCheck:
+        """Raise `CorruptCheckpointError` if `step` lacks its commit record, has unreadable
+        metrics, or does not match its manifest: sizes always, checksums with `deep=True`.
+
+        Returns the manifest check; its status is "unverified" for a checkpoint written
+        before manifests existed. Without `deep` it reads a few small files, not the arrays.
+        """
+        self.wait_until_finished()
         path = self.step_path(step)
-        if step_lib.Metadata(step=step, path=path).commit_timestamp_nsecs is None:
-            raise CheckpointError(f"checkpoint {path} has no commit record")
+        try:
+            committed = step_lib.Metadata(step=step, path=path).commit_timestamp_nsecs
+        except (ValueError, TypeError, OSError) as err:
+            raise CorruptCheckpointError(
+                f"checkpoint {path} has a damaged commit record: {err}"
+            ) from err
+        if committed is None:
+            raise CorruptCheckpointError(f"checkpoint {path} has no commit record")
         try:
             super().metrics(step)
-        except ValueError as err:
-            raise CheckpointError(f"checkpoint {path} has unreadable metrics: {err}") from err
+        except (ValueError, TypeError, OSError) as err:
+            raise CorruptCheckpointError(
+                f"checkpoint {path} has unreadable metrics: {err}"
+            ) from err
+        check = verify(path, deep=deep)
+        if check.status == "mismatch":
+            raise CorruptCheckpointError(
+                f"checkpoint {path} does not match its manifest: {'; '.join(check.problems)}"
+            )
+        return check
+
+    def record(self, decision: Decision) -> None:
+        """Append `decision` to the run's history (the writer only; readers record nothing)."""
+        if self._journal is not None:
+            self._journal.record(decision)
 
     def best_step(self) -> int | None:
-        """The best retained step; None if no retained step has a finite score.
-        Without a monitor, the newest step (as in Orbax and Lightning)."""
+        """The best retained step; None if no retained step has a finite score (that beats
+        `initial_value_threshold`). Without a monitor, the newest step (as in Orbax and
+        Lightning)."""
         ranking = self._plan.ranking
         if ranking is None:
             return self.latest_step()
         ranked = ranking.ranked(self._infos())
-        if not ranked or ranking.score(ranked[0].metrics) is None:
+        if not ranked or (score := ranking.score(ranked[0].metrics)) is None:
             return None
-        return ranked[0].step
+        # As in Keras, nothing is best until it beats initial_value_threshold.
+        threshold = self._plan.settings.initial_value_threshold
+        return ranked[0].step if ranking.beats(score, threshold) else None
 
     def ranked_steps(self) -> list[int]:
         """Retained steps that have a monitored value, best first (NaN and inf last)."""
@@ -352,6 +453,53 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         """The directory of a retained step (it exists once the save has committed)."""
         self._require_retained(step)
         return self.directory / self._plan.step_name(step)
+
+    def _name(
+        self,
+        step: int,
+        floats: Mapping[str, float] | None,
+        epoch: int | None,
+        global_step: int | None,
+        partial: PartialTag | None,
+    ) -> str:
+        names = self._plan.name_format
+        if names is None:
+            return self._plan.step_name(step)
+        counters = {"epoch": epoch, "step": global_step, names.template.key: step}
+        unscored = partial is not None or floats is None
+        name = names.template.render(
+            epoch=step if counters["epoch"] is None else counters["epoch"],
+            step=step if counters["step"] is None else counters["step"],
+            metrics=floats,
+            missing="none" if unscored else "raise",
+        )
+        name = name if partial is None else f"{name}-{partial}"
+        names.remember(step, name)
+        return name
+
+    def _score(self, metrics: Mapping[str, Any] | None) -> float | None:
+        ranking = self._plan.ranking
+        return None if ranking is None else ranking.value(metrics)
+
+    def _kth(self) -> float | None:
+        # The score a declined checkpoint had to beat: the k-th best retained one.
+        ranked = self.ranked_steps()
+        k = self._plan.settings.save_top_k
+        return self.score(ranked[k - 1]) if 0 < k <= len(ranked) else None
+
+    def _committing(
+        self,
+        step: int,
+        name: str,
+        floats: Mapping[str, float] | None,
+        before: Mapping[int, Any],
+    ) -> Committing:
+        gone = sorted(before.keys() - set(self.all_steps()))
+        ranked = self.ranked_steps()
+        score = self._score(floats)
+        rank = ranked.index(step) + 1 if step in ranked and score is not None else None
+        evicted = tuple((old, self._plan.step_name(old), self._score(before[old])) for old in gone)
+        return Committing(step, self.directory / name, score, rank, evicted)
 
     def _infos(self) -> Sequence[ocm.PolicyCheckpointInfo]:
         # Orbax's in-memory view of the directory (including a save in flight): the one list
@@ -416,3 +564,12 @@ class MetricCheckpointManager(ocp.CheckpointManager):
     def _forget_name(self, step: int | None) -> None:
         if self._plan.name_format is not None and step is not None:
             self._plan.name_format.forget(step)
+
+
+def _missing_dirs(directory: epath.Path) -> list[epath.Path]:
+    """`directory` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    return missing

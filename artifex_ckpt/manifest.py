@@ -11,8 +11,18 @@ CRC-32C (Castagnoli) is the checksum: `google_crc32c` computes it with the CPU's
 instruction, 2.4x faster than `zlib.crc32` in memory (16.7 against 6.9 GB/s on the 2-core
 development machine, `benchmarks/bench_manifest.py`); like any CRC-32 it detects every
 single-bit error and every error burst up to 32 bits long; and it is the checksum Google
-Cloud Storage keeps per object, so a `gs://` manifest can later be checked against the
-bucket's listing without reading the data.
+Cloud Storage keeps per object and reports in its listings.
+
+On an object store (`gs://`, `s3://`, ...) requests cost more than bytes, so both
+functions work from one listing of the step's objects (one request per 1,000 objects),
+which gives each object's size and, on GCS, its CRC-32C: `write_manifest` costs that
+listing and one write, `verify` that listing and one read of the manifest, deep or not,
+however large the checkpoint. Deep verification there compares the checksums the store
+holds, which is what a restore reads: a truncated, replaced, rewritten or deleted object
+is caught; bit rot inside the store is the store's to detect (GCS checks its own data).
+An object whose listing has no CRC-32C (S3, or a store that reports none) is downloaded
+and checksummed instead. The stored manifest is the same either way, so a run copied
+from a bucket to a disk, or back, still verifies.
 
 Only regular files are recorded. Orbax writes no symlinks, FIFOs or devices; one found in
 a step directory is foreign, so it is left out rather than followed (a symlink may lead
@@ -24,6 +34,8 @@ file its metadata does not name, so an extra file cannot change what restores.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import errno
 import hashlib
@@ -32,13 +44,16 @@ import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import google_crc32c
 from etils import epath
 
-from artifex_ckpt.directory import is_local
+from artifex_ckpt.directory import _filesystem, _no_cache_update, is_local, write_atomic_text
 from artifex_ckpt.errors import CheckpointError, CheckpointNotFoundError
+
+if TYPE_CHECKING:
+    import fsspec
 
 __all__ = [
     "ALGORITHM",
@@ -55,8 +70,8 @@ __all__ = [
 MANIFEST_FILE = "artifex_manifest.json"
 ALGORITHM = "crc32c"
 FORMAT_VERSION = 1
-# Reads of 4 MiB: per-call overhead vanishes (1 MiB measures the same) and an object
-# store gets few, large range requests.
+# Reads of 4 MiB: per-call overhead vanishes (1 MiB measures the same), and an object
+# downloaded for want of a listed checksum takes few, large range requests.
 CHUNK_BYTES = 4 * 2**20
 _TEMPORARY = MANIFEST_FILE + ".tmp"
 _OWN_FILES = frozenset({MANIFEST_FILE, _TEMPORARY})
@@ -185,10 +200,12 @@ def write_manifest(step_dir: PathLike) -> Manifest:
     """Record every regular file of a committed `step_dir` in its `MANIFEST_FILE`.
 
     Call it once the save committed (after `wait_until_finished`) and on one process
-    only. The manifest does not list itself. Locally it is written to a temporary file,
-    fsynced and renamed into place; on an object store it is one object write, which is
-    atomic already. Raises `CheckpointNotFoundError` if `step_dir` is not a directory,
-    `OSError` naming the file if one cannot be read.
+    only. The manifest does not list itself. Locally every file is read once, and the
+    manifest is written to a temporary file, fsynced and renamed into place. On an object
+    store sizes and checksums come from one listing (an object listed without a CRC-32C
+    is downloaded), and the manifest is one object write, which is atomic already: two
+    requests on GCS. Raises `CheckpointNotFoundError` if `step_dir` is not a directory
+    (holds no object), `OSError` naming the file if one cannot be read.
 
     Example:
         ```python
@@ -204,7 +221,19 @@ def write_manifest(step_dir: PathLike) -> Manifest:
         assert verify(f"{run}/0").ok
         ```
     """
-    directory = _step_dir(step_dir)
+    directory = epath.Path(step_dir)
+    if not is_local(directory):
+        fs, listed = _listing(directory)
+        manifest = Manifest(
+            tuple(
+                _listed_entry(fs, relative, found)
+                for relative, found in sorted(listed.items())
+                if relative not in _OWN_FILES
+            )
+        )
+        write_atomic_text(directory / MANIFEST_FILE, manifest.to_json())
+        return manifest
+    directory = _step_dir(directory)
     entries = []
     for relative in _regular_files(directory):
         size, crc = _checksum_file(directory, relative)
@@ -239,13 +268,20 @@ def verify(step_dir: PathLike, *, deep: bool = True) -> ManifestCheck:
     A damaged checkpoint is reported in the result, never raised. Raises
     `CheckpointNotFoundError` only if `step_dir` is not a directory at all.
 
+    Locally `deep=True` reads every byte. On an object store both depths cost one listing
+    and one read of the manifest: the checksums compared are those the store lists for
+    its objects (see the module's notes); an object listed without one is downloaded.
+
     Example:
         ```python
         assert verify("/tmp/run/model-03-0.1234", deep=False).ok  # stats only
         check = verify("/tmp/run/model-03-0.1234")  # reads every byte
         ```
     """
-    directory = _step_dir(step_dir)
+    directory = epath.Path(step_dir)
+    if not is_local(directory):
+        return _verify_listed(directory, deep)
+    directory = _step_dir(directory)
     name = os.fspath(directory)
     try:
         manifest = _load(directory)
@@ -259,17 +295,29 @@ def verify(step_dir: PathLike, *, deep: bool = True) -> ManifestCheck:
     return ManifestCheck(name, "mismatch" if problems else "ok", tuple(problems), unlisted)
 
 
-def _step_dir(step_dir: PathLike) -> epath.Path:
-    directory = epath.Path(step_dir)
+def _step_dir(directory: epath.Path) -> epath.Path:
     if not directory.is_dir():
-        raise CheckpointNotFoundError(
-            f"checkpoint directory {os.fspath(directory)!r} does not exist or is not a "
-            "directory; pass a step directory such as <run>/model-03-0.1234"
-        )
+        raise _not_found(directory)
     return directory
 
 
+def _not_found(directory: epath.Path) -> CheckpointNotFoundError:
+    return CheckpointNotFoundError(
+        f"checkpoint directory {os.fspath(directory)!r} does not exist or is not a "
+        "directory; pass a step directory such as <run>/model-03-0.1234"
+    )
+
+
 def _load(directory: epath.Path) -> Manifest | None:
+    if not is_local(directory):
+        fs, root = _filesystem(directory)
+        try:
+            text = fs.cat_file(f"{root.rstrip('/')}/{MANIFEST_FILE}")
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise DamagedManifestError(f"it cannot be read: {err}") from err
+        return Manifest.from_json(text)
     try:
         kind = _size(directory, MANIFEST_FILE)
         if isinstance(kind, str):
@@ -305,13 +353,11 @@ def _all_files(directory: epath.Path, *, complete: bool = False) -> Iterator[str
     """Relative paths of every non-directory entry, of any kind, without following links.
 
     With `complete`, a sub-directory that cannot be listed raises instead of being
-    skipped, so that a manifest never silently leaves out part of a checkpoint. An
-    object store's walk yields roots without the `gs://` scheme, so relative paths are
-    cut from the scheme-less text of both.
+    skipped, so that a manifest never silently leaves out part of a checkpoint.
     """
-    top = _without_scheme(directory)
+    top = os.fspath(directory).rstrip("/")
     for root, _, files in directory.walk(on_error=_reraise if complete else None):
-        base = _without_scheme(root)[len(top) :].strip("/")
+        base = os.fspath(root)[len(top) :].strip("/")
         for file in files:
             yield f"{base}/{file}" if base else file
 
@@ -324,12 +370,8 @@ def _regular_files(directory: epath.Path) -> Iterator[str]:
     for relative in _all_files(directory, complete=True):
         if relative in _OWN_FILES:
             continue
-        if not is_local(directory) or stat.S_ISREG(os.lstat(_local(directory, relative)).st_mode):
+        if stat.S_ISREG(os.lstat(_local(directory, relative)).st_mode):
             yield relative
-
-
-def _without_scheme(path: epath.Path) -> str:
-    return os.fspath(path).split("://", 1)[-1].rstrip("/")
 
 
 def _local(directory: epath.Path, relative: str) -> str:
@@ -346,11 +388,6 @@ def _checksum_file(directory: epath.Path, relative: str) -> tuple[int, int]:
 
 
 def _chunks(directory: epath.Path, relative: str) -> Iterator[bytes]:
-    if not is_local(directory):
-        with (directory / relative).open("rb") as remote:
-            while chunk := remote.read(CHUNK_BYTES):
-                yield chunk
-        return
     fd = _open_regular(_local(directory, relative))
     try:
         while chunk := os.read(fd, CHUNK_BYTES):
@@ -419,17 +456,11 @@ def _problem(directory: epath.Path, entry: ManifestEntry, deep: bool) -> str | N
 
 def _size(directory: epath.Path, relative: str) -> int | str:
     """The size of a regular file, or the kind of what is there instead."""
-    if not is_local(directory):
-        info = (directory / relative).stat()
-        return "a directory" if info.is_directory else int(info.length)
     info = os.lstat(_local(directory, relative))
     return info.st_size if stat.S_ISREG(info.st_mode) else _kind(info.st_mode)
 
 
 def _write(directory: epath.Path, data: bytes) -> None:
-    if not is_local(directory):
-        (directory / MANIFEST_FILE).write_bytes(data)
-        return
     final = _local(directory, MANIFEST_FILE)
     temporary = _local(directory, _TEMPORARY)
     try:
@@ -448,3 +479,123 @@ def _write(directory: epath.Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """One object of an object-store listing: its path in the store, its size, and its
+    CRC-32C if the listing gives one."""
+
+    name: str
+    size: int
+    crc32c: int | None
+
+
+def _listing(directory: epath.Path) -> tuple[fsspec.AbstractFileSystem, dict[str, _Listed]]:
+    """Every object under `directory` by its relative path, from one listing.
+
+    The listing bypasses gcsfs's cache and leaves it as it was, so that it sees what
+    tensorstore wrote behind gcsfs's back and later listings see what it does not.
+    Folder placeholders (names ending in "/") prove that the directory exists but are no
+    files. Raises `CheckpointNotFoundError` if nothing lies under `directory`.
+    """
+    fs, root = _filesystem(directory)
+    prefix = root.rstrip("/") + "/"
+    found = fs.find(root, detail=True, **_no_cache_update(fs))
+    inside = {name[len(prefix) :]: info for name, info in found.items() if name.startswith(prefix)}
+    if not inside:
+        raise _not_found(directory)
+    return fs, {
+        relative: _Listed(prefix + relative, int(info.get("size") or 0), _listed_crc32c(info))
+        for relative, info in inside.items()
+        if relative and not relative.endswith("/") and info.get("type", "file") == "file"
+    }
+
+
+def _listed_crc32c(info: dict[str, Any]) -> int | None:
+    """The CRC-32C of a GCS listing entry (base64 of 4 big-endian bytes), or None."""
+    text = info.get(ALGORITHM)
+    if not isinstance(text, str):
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        return None
+    return int.from_bytes(raw, "big") if len(raw) == 4 else None
+
+
+def _listed_entry(fs: fsspec.AbstractFileSystem, relative: str, found: _Listed) -> ManifestEntry:
+    if found.crc32c is not None:
+        return ManifestEntry(relative, found.size, found.crc32c)
+    size, crc = _download_checksum(fs, found.name)
+    return ManifestEntry(relative, size, crc)
+
+
+def _download_checksum(fs: fsspec.AbstractFileSystem, name: str) -> tuple[int, int]:
+    """Size and CRC-32C of one object, from one download of it."""
+    size, crc = 0, 0
+    with fs.open(name, "rb", block_size=CHUNK_BYTES) as remote:
+        while chunk := remote.read(CHUNK_BYTES):
+            size += len(chunk)
+            crc = google_crc32c.extend(crc, chunk)
+    return size, crc
+
+
+def _verify_listed(directory: epath.Path, deep: bool) -> ManifestCheck:
+    """`verify` on an object store: one listing, one read of the manifest."""
+    name = os.fspath(directory)
+    fs, listed = _listing(directory)
+    if MANIFEST_FILE not in listed:
+        return ManifestCheck(name, "unverified")
+    try:
+        manifest = _load(directory)
+    except DamagedManifestError as err:
+        return ManifestCheck(name, "mismatch", (f"{MANIFEST_FILE}: damaged manifest: {err}",))
+    if manifest is None:  # deleted since the listing
+        return ManifestCheck(name, "unverified")
+    folders = {
+        "/".join(parts[:depth])
+        for parts in (relative.split("/") for relative in listed)
+        for depth in range(1, len(parts))
+    }
+    problems = [
+        problem
+        for entry in manifest.entries
+        if (problem := _listed_problem(fs, entry, listed.get(entry.path), folders, deep))
+        is not None
+    ]
+    recorded = {entry.path for entry in manifest.entries}
+    unlisted = tuple(sorted(set(listed) - recorded - _OWN_FILES))
+    return ManifestCheck(name, "mismatch" if problems else "ok", tuple(problems), unlisted)
+
+
+def _listed_problem(
+    fs: fsspec.AbstractFileSystem,
+    entry: ManifestEntry,
+    found: _Listed | None,
+    folders: set[str],
+    deep: bool,
+) -> str | None:
+    """What is wrong with one recorded object, judged by its listing entry, or None."""
+    if found is None:
+        if entry.path in folders:
+            return f"{entry.path}: is a directory now, not a regular file"
+        return f"{entry.path}: missing (expected {entry.size} bytes)"
+    if found.size != entry.size:
+        return f"{entry.path}: size differs: expected {entry.size} bytes, found {found.size}"
+    if not deep:
+        return None
+    crc = found.crc32c
+    if crc is None:
+        try:
+            read_size, crc = _download_checksum(fs, found.name)
+        except OSError as err:
+            return f"{entry.path}: cannot be read: {err.strerror or err}"
+        if read_size != entry.size:
+            return f"{entry.path}: size differs: expected {entry.size} bytes, read {read_size}"
+    if crc != entry.crc32c:
+        return (
+            f"{entry.path}: checksum differs: expected {ALGORITHM} {entry.crc32c_hex}, "
+            f"found {crc:08x}"
+        )
+    return None

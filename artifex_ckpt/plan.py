@@ -89,7 +89,7 @@ class ManagerPlan:
 def plan_manager(
     directory: epath.Path,
     stored: RetentionSettings | None,
-    explicit: Mapping[str, Any],
+    explicit: Mapping[str, Any] | RetentionSettings,
     options: ocp.CheckpointManagerOptions | None = None,
     orbax_kwargs: Mapping[str, Any] | None = None,
     *,
@@ -98,17 +98,23 @@ def plan_manager(
     """Build the plan of a manager on `directory`.
 
     `stored` are the settings found in the directory (None if none), `explicit` the
-    caller's (None values mean "not given"). Raises `ConfigError` for options that would
+    caller's: a mapping whose None values mean "not given", or complete `RetentionSettings`
+    (where `monitor=None` means "no monitor"). Raises `ConfigError` for options that would
     fight the manager's own retention and naming.
     """
-    given = {name: value for name, value in explicit.items() if value is not None}
+    if isinstance(explicit, RetentionSettings):
+        given = dataclasses.asdict(explicit)
+    else:
+        given = {name: value for name, value in explicit.items() if value is not None}
     settings = RetentionSettings(**given) if stored is None else stored.resolve(**given)
     ranking = None if settings.monitor is None else MetricRanking(settings.monitor, settings.mode)
     retention = retention_policy(
         ranking, settings.save_top_k, settings.keep_last, settings.initial_value_threshold
     )
     name_format = (
-        TemplateNameFormat(FilenameTemplate(settings.filename)) if settings.filename else None
+        TemplateNameFormat(FilenameTemplate(settings.filename, key=settings.key))
+        if settings.filename
+        else None
     )
     step_names = name_format or step_lib.standard_name_format()
     options = _checked(options or ocp.CheckpointManagerOptions())
@@ -131,7 +137,9 @@ def plan_manager(
             best_fn=None if ranking is None else ranking.best_fn,
             best_mode=settings.mode,
             preservation_policy=retention,
-            step_name_format=step_names,
+            # Without a template Orbax builds the same standard format itself, and then
+            # reads each step's metrics without looking the step up again (B7).
+            step_name_format=name_format,
             # Remote stores use Orbax's scan; locally a cheaper one runs after opening.
             cleanup_tmp_directories=not read_only and not is_local(directory),
             create=False,

@@ -22,19 +22,30 @@ import datetime
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from artifex_ckpt.validation import Mode
 
+if TYPE_CHECKING:
+    from artifex_ckpt.config import CheckpointConfig
+
+# Stored with a checkpoint written mid-epoch (preemption, exception): it is kept only while
+# it is the newest, so that each interruption does not leave an unscored checkpoint forever.
+PARTIAL_METRIC = "artifex_partial"
+
 __all__ = [
+    "PARTIAL_METRIC",
     "BestNByRank",
+    "EveryInterval",
     "EveryNEpochs",
     "MetricRanking",
     "Mode",
     "RetainedOnArrival",
     "ScoredStep",
+    "cadence_policy",
+    "is_partial",
     "retention_policy",
     "would_keep",
 ]
@@ -108,9 +119,10 @@ class MetricRanking:
 class BestNByRank:
     """`PreservationPolicy` that keeps the `n` best checkpoints by a `MetricRanking`.
 
-    Unlike `ocp.checkpoint_managers.BestN`, ties keep the older checkpoint, NaN never
-    displaces a number, and unscored checkpoints are kept. `n=None` keeps every scored one.
-    With a `threshold`, only scores strictly better than it compete for the top n.
+        Unlike `ocp.checkpoint_managers.BestN`, ties keep the older checkpoint, NaN never
+        displaces a number, and unscored checkpoints are kept (a partial one, written mid-epoch,
+    only while it is the newest). `n=None` keeps every scored one.
+        With a `threshold`, only scores strictly better than it compete for the top n.
     """
 
     ranking: MetricRanking
@@ -132,8 +144,13 @@ class BestNByRank:
             reverse=True,
         )
         top = {index for _, index in (competing if self.n is None else competing[: self.n])}
+        newest = max((info.step for info in checkpoints), default=None)
         return [
-            index in top or self.ranking.value(info.metrics) is None
+            index in top
+            or (
+                self.ranking.value(info.metrics) is None
+                and (info.step == newest or not is_partial(info.metrics))
+            )
             for index, info in enumerate(checkpoints)
         ]
 
@@ -163,6 +180,11 @@ class BestNByRank:
         if value is None or not self.ranking.beats(value, self.threshold):
             return None
         return self.ranking.key_of(info.step, value)
+
+
+def is_partial(metrics: Mapping[str, Any] | None) -> bool:
+    """Whether these stored metrics mark a checkpoint written mid-epoch."""
+    return isinstance(metrics, Mapping) and bool(metrics.get(PARTIAL_METRIC))
 
 
 def retention_policy(
@@ -224,6 +246,29 @@ class EveryNEpochs:
 
 
 @dataclass(frozen=True)
+class EveryInterval:
+    """`SaveDecisionPolicy`: save once `seconds` have passed since the newest checkpoint
+    (Lightning's `train_time_interval`). The first step of a run with no checkpoint saves."""
+
+    seconds: float
+
+    def is_due(self, since_last: float) -> bool:
+        """The same decision as `should_save`, given seconds since the last save."""
+        return since_last >= self.seconds
+
+    def should_save(
+        self,
+        step: ocm.PolicyCheckpointInfo,
+        previous_steps: Sequence[ocm.PolicyCheckpointInfo],
+        *,
+        context: ocm.DecisionContext,
+    ) -> bool:
+        if not previous_steps or context.reached_preemption:
+            return True
+        return self.is_due((step.time - previous_steps[-1].time).total_seconds())
+
+
+@dataclass(frozen=True)
 class RetainedOnArrival:
     """`SaveDecisionPolicy`: save only what `preservation` would keep once it is saved.
 
@@ -244,3 +289,14 @@ class RetainedOnArrival:
             [*previous_steps, step], context=ocm.PreservationContext()
         )
         return bool(kept[-1])
+
+
+def cadence_policy(config: CheckpointConfig) -> ocm.SaveDecisionPolicy:
+    """The save decision policy of a config's cadence: `EveryNEpochs`, Orbax's
+    `FixedIntervalPolicy` over global steps, or `EveryInterval`."""
+    if config.every_n_train_steps is not None:
+        return ocm.FixedIntervalPolicy(config.every_n_train_steps)
+    seconds = config.interval_seconds
+    if seconds is not None:
+        return EveryInterval(seconds)
+    return EveryNEpochs(config.every_n_epochs)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from etils import epath
 
@@ -32,7 +32,7 @@ __all__ = ["SETTINGS_FILE", "RetentionSettings"]
 SETTINGS_FILE = "artifex_ckpt.json"
 _CHECKSUM = "checksum"
 # Re-ranking by another metric or direction could evict the best of the stored checkpoints.
-_FIXED = ("monitor", "mode")
+_FIXED = ("monitor", "mode", "key")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class RetentionSettings:
         filename: Directory-name template, or None for Orbax's numeric step names.
         initial_value_threshold: A checkpoint counts for the top k only once its score beats
             this (Keras's option); None: no threshold.
+        key: The template placeholder that numbers checkpoints (the manager's step):
+            `"epoch"`, or `"step"` (the global step) for step and time cadences.
     """
 
     monitor: str | None = "val_loss"
@@ -61,6 +63,7 @@ class RetentionSettings:
     keep_last: bool = True
     filename: str | None = None
     initial_value_threshold: float | None = None
+    key: Literal["epoch", "step"] = "epoch"
 
     def __post_init__(self) -> None:
         require_monitor(self.monitor, optional=True)
@@ -80,8 +83,10 @@ class RetentionSettings:
             raise ConfigError(
                 f"initial_value_threshold={threshold!r} needs a monitor; monitor is None"
             )
+        if self.key not in ("epoch", "step"):
+            raise ConfigError(f"key={self.key!r} is not accepted; use 'epoch' or 'step'")
         if self.filename is not None:
-            FilenameTemplate(self.filename)
+            FilenameTemplate(self.filename, key=self.key)
 
     def resolve(self, **explicit: Any) -> RetentionSettings:
         """These stored settings with the explicit values (those not None) put over them.

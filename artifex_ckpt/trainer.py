@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -10,8 +11,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from artifex_ckpt.callbacks.base import BaseCallback, CallbackList, Resumable, ResumeFrom
+from artifex_ckpt.data_state import skip_batches
 from artifex_ckpt.errors import ConfigError
-from artifex_ckpt.validation import require_int
+from artifex_ckpt.preemption import PreemptionGuard, TrainingPreempted
+from artifex_ckpt.validation import require_bool, require_int
 
 __all__ = ["LossFn", "Trainer"]
 
@@ -27,6 +30,17 @@ class Trainer:
     validation averages as `val_loss`, `val_<name>`. Values stay JAX arrays until a
     callback reads them, so epochs nobody inspects cost no device sync.
 
+    Training data comes in one of three forms:
+
+    - a `Sequence` of batches, re-iterated each epoch;
+    - an `epoch -> batches` callable;
+    - an iterator (a grain `DatasetIterator` or `DataLoader` iterator, or any other), one
+      stream for the whole run: each epoch takes `steps_per_epoch` batches from it (all that
+      is left, if None). A grain iterator's position is checkpointed with the model.
+
+    During `fit`, the first SIGTERM (and the first SIGINT with `catch_sigint=True`) lets
+    the current step finish, has the callbacks save it, and raises `TrainingPreempted`.
+
     Example:
         ```python
         trainer = Trainer(model, optimizer, loss_fn, train_batches, val_batches, epochs=5)
@@ -37,9 +51,11 @@ class Trainer:
         model: An `nnx.Module`.
         optimizer: An `nnx.Optimizer` over the model's `nnx.Param`s.
         loss_fn: `loss_fn(model, batch) -> loss` or `(loss, aux_metrics)`.
-        train_data: Batches, re-iterated each epoch, or `epoch -> batches`.
-        val_data: Validation batches (same forms), or None.
+        train_data: Batches, re-iterated each epoch, `epoch -> batches`, or an iterator.
+        val_data: Validation batches (a sequence or `epoch -> batches`), or None.
         epochs: Number of epochs in total (a resumed run continues up to it).
+        steps_per_epoch: Batches per epoch drawn from an iterator (None: until exhausted).
+        catch_sigint: Treat the first Ctrl-C like SIGTERM (save, then stop).
     """
 
     def __init__(
@@ -51,26 +67,42 @@ class Trainer:
         val_data: Batches | None = None,
         *,
         epochs: int = 10,
+        steps_per_epoch: int | None = None,
+        catch_sigint: bool = False,
     ) -> None:
         require_int("epochs", epochs, minimum=1, accepted="an integer >= 1")
+        if steps_per_epoch is not None:
+            require_int("steps_per_epoch", steps_per_epoch, minimum=1, accepted="None or >= 1")
+        require_bool("catch_sigint", catch_sigint)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.train_data = train_data
         self.val_data = val_data
         self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.catch_sigint = catch_sigint
         self.step = 0
         self.epoch = -1
         self.initial_epoch = 0
+        self.batches_done = 0
         self.stop_training = False
+        self._skip = 0
         self._train_step = nnx.jit(_make_train_step(loss_fn))
         self._eval_step = nnx.jit(_make_eval_step(loss_fn))
 
     @property
     def num_batches(self) -> int | None:
-        """Training batches per epoch, when the data has a length."""
+        """Training batches per epoch, when known."""
         data = self.train_data
-        return len(data) if isinstance(data, Sequence) else None
+        return len(data) if isinstance(data, Sequence) else self.steps_per_epoch
+
+    @property
+    def data_iterator(self) -> Iterator[Any] | None:
+        """The training data when it is one stream (an iterator) whose position a callback
+        may checkpoint; None for re-iterable data."""
+        data = self.train_data
+        return data if isinstance(data, Iterator) else None
 
     def fit(
         self,
@@ -81,47 +113,67 @@ class Trainer:
         """Run epochs `initial_epoch .. epochs-1`.
 
         `resume=True` (or `"latest"`) continues from the newest checkpoint of the run's
-        `ModelCheckpoint`, `"best"` from its best, an int from that step: model, optimizer,
-        epoch and global step are restored, and training continues at the next epoch.
+        `ModelCheckpoint`, `"best"` from its best, an int from that step, and a path from
+        that checkpoint directory (another run's too: fine-tuning). Model, optimizer, epoch,
+        global step and the data position are restored; a checkpoint saved mid-epoch
+        continues with the next batch of that epoch.
         """
         hooks = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         self.stop_training = False
         source: ResumeFrom | None = (
             "latest" if resume is True else None if resume is False else resume
         )
-        self.initial_epoch = 0 if source is None else self._resume(hooks, source, resume)
-        hooks.on_train_begin(self)
+        self._skip = 0
+        guard = PreemptionGuard(sigint=self.catch_sigint)
         try:
-            for epoch in range(self.initial_epoch, self.epochs):
-                self.epoch = epoch
-                hooks.on_epoch_begin(self, epoch)
-                logs = self._train_epoch(hooks, epoch)
-                if self.val_data is not None:
-                    hooks.on_validation_begin(self)
-                    val_logs = self._evaluate()
-                    hooks.on_validation_end(self, val_logs)
-                    logs.update(val_logs)
-                hooks.on_epoch_end(self, epoch, logs)
-                if self.stop_training:
-                    break
+            self.initial_epoch = 0 if source is None else self._resume(hooks, source, resume)
+            hooks.on_train_begin(self)
+            with guard:
+                for epoch in range(self.initial_epoch, self.epochs):
+                    self.epoch = epoch
+                    hooks.on_epoch_begin(self, epoch)
+                    logs = self._train_epoch(hooks, epoch, guard)
+                    if self.val_data is not None:
+                        hooks.on_validation_begin(self)
+                        val_logs = self._evaluate()
+                        hooks.on_validation_end(self, val_logs)
+                        logs.update(val_logs)
+                    hooks.on_epoch_end(self, epoch, logs)
+                    if self.stop_training:
+                        break
         except BaseException as error:
             hooks.on_exception(self, error)
             raise
         hooks.on_train_end(self)
         return self
 
-    def _train_epoch(self, hooks: CallbackList, epoch: int) -> dict[str, Any]:
+    def _train_epoch(
+        self, hooks: CallbackList, epoch: int, guard: PreemptionGuard
+    ) -> dict[str, Any]:
         self.model.train()
         totals: dict[str, jax.Array] = {}
         count = 0
-        for index, batch in enumerate(_batches(self.train_data, epoch)):
+        skip, self._skip = self._skip, 0
+        self.batches_done = skip
+        for index, batch in enumerate(self._epoch_batches(epoch, skip), start=skip):
             hooks.on_batch_begin(self, index)
             metrics = self._train_step(self.model, self.optimizer, batch)
             self.step += 1
+            self.batches_done = index + 1
             count += 1
             totals = _accumulate(totals, metrics)
             hooks.on_batch_end(self, index, metrics)
+            if guard.should_stop(self.step):
+                raise TrainingPreempted(self.step, guard.signal_name or "a preemption notice")
         return {name: total / max(count, 1) for name, total in totals.items()}
+
+    def _epoch_batches(self, epoch: int, skip: int) -> Iterable[Any]:
+        data = self.train_data
+        if isinstance(data, Iterator):
+            # One stream: its position was restored with the checkpoint, so nothing to skip.
+            left = None if self.steps_per_epoch is None else self.steps_per_epoch - skip
+            return data if left is None else itertools.islice(data, left)
+        return skip_batches(_batches(data, epoch), skip)
 
     def _evaluate(self) -> dict[str, Any]:
         assert self.val_data is not None
@@ -144,7 +196,11 @@ class Trainer:
         point = resumers[0].resume(self, source)
         self.step = point.global_step
         self.epoch = point.epoch
-        return point.epoch + 1
+        if point.batches_done is None:
+            return point.epoch + 1
+        # Saved mid-epoch: that epoch continues with its next batch.
+        self._skip = point.batches_done
+        return point.epoch
 
 
 def _batches(data: Batches, epoch: int) -> Iterable[Any]:

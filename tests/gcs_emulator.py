@@ -1,11 +1,14 @@
 """A local Google Cloud Storage emulator, so that `gs://` paths are testable offline.
 
-Run as a script (`python tests/gcs_emulator.py PORT`) this module is the launcher: it
-serves an in-memory bucket named `bucket` on 127.0.0.1:PORT with
-`gcp-storage-emulator`, patched in three ways:
+Run as a script (`python tests/gcs_emulator.py PORT PARENT_PID`) this module is the
+launcher: it serves an in-memory bucket named `bucket` on 127.0.0.1:PORT with
+`gcp-storage-emulator` until stopped or orphaned, patched in four ways:
 
 - a `moveTo` route (gcsfs renames objects with it; without it every rename waits
   ~33 s for retries before gcsfs falls back to copy + delete);
+- the `x-goog-generation` header on downloads (tensorstore takes a read's generation
+  from it; without it a read-modify-write, such as an OCDBT manifest update, fails
+  with "Malformed StorageGeneration");
 - a listen backlog of 128 instead of 5 (tensorstore opens many connections at once);
 - a request counter: `GET /_count` answers `{"total": n, "by_method": {...}}` and
   `POST /_reset` zeroes it, so benchmarks can count what a call costs in requests.
@@ -64,7 +67,7 @@ HOST = "127.0.0.1"
 BUCKET = "bucket"
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
-# Set by `configure_environment`; the port every client in this process talks to.
+# The emulator's URL once chosen; inherited by subprocesses, so they reuse it.
 URL_VARIABLE = "ARTIFEX_GCS_EMULATOR_URL"
 
 
@@ -145,7 +148,7 @@ class Emulator:
         # Open as long as the server runs; closed in stop().
         self._log = tempfile.TemporaryFile()  # noqa: SIM115
         self._process = subprocess.Popen(
-            [sys.executable, __file__, str(self.port)],
+            [sys.executable, __file__, str(self.port), str(os.getpid())],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -211,8 +214,8 @@ def gcs_bucket() -> Iterator[Emulator]:
     url = os.environ.get(URL_VARIABLE)
     if url is None:
         pytest.fail(
-            "the GCS emulator is not configured: call tests.gcs_emulator."
-            "configure_environment() in tests/conftest.py before anything imports fsspec"
+            "the GCS emulator is not configured: tests/conftest.py must run "
+            "os.environ.update(emulator_environment()) before anything imports fsspec"
         )
     with Emulator(url) as emulator:
         yield emulator
@@ -226,10 +229,12 @@ def gcs_dir(gcs_bucket: Emulator) -> epath.Path:
     return epath.Path(f"gs://{BUCKET}/test-{uuid.uuid4().hex[:12]}")
 
 
-def _serve(port: int) -> None:
-    """The launcher: the patched emulator on 127.0.0.1:`port` until SIGTERM."""
+def _serve(port: int, parent: int) -> None:
+    """The launcher: the patched emulator on 127.0.0.1:`port` until SIGTERM, or until
+    process `parent` is gone (killed without a chance to stop it)."""
     import http.server
     import signal
+    import socketserver
     from http import HTTPStatus
 
     from gcp_storage_emulator import server
@@ -258,7 +263,23 @@ def _serve(port: int) -> None:
         r"(?P<object_id>.*[^/]+)/moveTo/o/(?P<dest_object_id>.*[^/]+)$",
         {server.POST: move},
     )
-    server.HANDLERS = (move_route, *server.HANDLERS)
+    download = objects.download
+
+    def download_with_generation(request: Any, response: Any, storage: Any) -> None:
+        download(request, response, storage)
+        if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+            params = request.params
+            with contextlib.suppress(NotFound):
+                stored = storage.get_file_obj(params["bucket_name"], params["object_id"])
+                response["x-goog-generation"] = stored["generation"]
+                response["x-goog-metageneration"] = stored["metageneration"]
+
+    objects.download = download_with_generation  # `objects.get` with alt=media calls it
+    routes = [
+        (regex, {m: download_with_generation if h is download else h for m, h in methods.items()})
+        for regex, methods in server.HANDLERS
+    ]
+    server.HANDLERS = (move_route, *routes)
 
     counts: Counter[str] = Counter()
     lock = threading.Lock()
@@ -285,12 +306,21 @@ def _serve(port: int) -> None:
 
     server.Router.handle = counting_handle
     http.server.HTTPServer.request_queue_size = 128
+    report_error = http.server.HTTPServer.handle_error
+
+    def handle_error(self: socketserver.BaseServer, request: Any, client_address: Any) -> None:
+        # A client that hung up (a cancelled read) is no error of the server's.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            report_error(self, request, client_address)
+
+    http.server.HTTPServer.handle_error = handle_error  # type: ignore[method-assign]
     emulator = server.create_server(HOST, port, in_memory=True, default_bucket=BUCKET)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     emulator.start()
     try:
-        stop.wait()
+        while not stop.wait(0.5) and os.getppid() == parent:
+            pass
     finally:
         emulator.stop()
 
@@ -300,4 +330,4 @@ if __name__ == "__main__":
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    _serve(int(sys.argv[1]))
+    _serve(int(sys.argv[1]), int(sys.argv[2]))

@@ -23,6 +23,7 @@ from artifex_ckpt import (
     WeightsOnlyError,
     load_checkpoint,
 )
+from artifex_ckpt.history import DecisionHistory
 from tests.conftest import assert_trees_equal, step_dirs
 from tests.training import make_trainer
 
@@ -146,23 +147,19 @@ def test_top_k_with_and_without_save_last(tmp_path: Path, save_last: bool) -> No
     losses = [0.5, 0.4, 0.3, 0.9, 0.8]
     config = CheckpointConfig(dirpath=tmp_path, save_top_k=2, save_last=save_last)
     checkpoint = ModelCheckpoint(config)
-    saves: list[int] = []
-    original = checkpoint.manager.save
-
-    def recording_save(step: int, *args: Any, **kwargs: Any) -> bool:
-        written = original(step, *args, **kwargs)
-        if written:
-            saves.append(step)
-        return written
-
-    checkpoint.manager.save = recording_save  # type: ignore[method-assign]
     make_trainer(epochs=5).fit(callbacks=[ScriptedMetric("val_loss", losses), checkpoint])
+    history = DecisionHistory(tmp_path).read()
+    saves = [d.step for d in history if d.kind == "saved"]
     if save_last:
         assert saves == [0, 1, 2, 3, 4]
         assert _epochs_on_disk(checkpoint) == [1, 2, 4]
         assert checkpoint.last_checkpoint_path == checkpoint.manager.step_path(4)
     else:
         assert saves == [0, 1, 2]  # 0.9 and 0.8 would be deleted at once: not written
+        assert [(d.step, d.score) for d in history if d.kind == "not_saved"] == [
+            (3, 0.9),
+            (4, 0.8),
+        ]
         assert _epochs_on_disk(checkpoint) == [1, 2]
     assert checkpoint.best_score == 0.3
 

@@ -20,6 +20,7 @@ from artifex_ckpt import (
     save_checkpoint,
     setup_checkpoint_manager,
 )
+from artifex_ckpt.history import HISTORY_FILE, DecisionHistory
 from artifex_ckpt.manager import MetricCheckpointManager
 from tests.conftest import TinyMLP, assert_trees_equal, pure
 from tests.training import make_trainer
@@ -112,7 +113,12 @@ def _empty_directory(path: Path) -> None:
 
 
 def _listing(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+    # The decision history records the restore; every checkpoint file stays as it was.
+    return {
+        str(p.relative_to(root)): p.stat().st_size
+        for p in root.rglob("*")
+        if p.is_file() and p.name != HISTORY_FILE
+    }
 
 
 @pytest.mark.parametrize(
@@ -151,6 +157,11 @@ def test_corrupt_checkpoint_is_skipped_with_a_warning(
     assert_trees_equal(model, states[fallback][0])
     assert_trees_equal(optimizer, states[fallback][1])
     assert _listing(tmp_path) == before, "recovery must not delete or change anything"
+    kinds = [(d.kind, d.name) for d in DecisionHistory(tmp_path).read()]
+    assert kinds[-1] == ("restored", f"ck-{fallback}")
+    # "best" never tries a checkpoint whose score is gone with its metrics.
+    tried = which == "latest" or corrupt not in (_garble_metrics, _empty_directory)
+    assert (("skipped_corrupt", f"ck-{broken}") in kinds) == tried
 
 
 def test_explicit_corrupt_step_raises(tmp_path: Path) -> None:

@@ -13,6 +13,9 @@ Convention (also in CONTRIBUTING.md):
   directory before the block runs (later blocks stay there). Use it for examples that
   stand alone and each expect an empty `./checkpoints`.
 
+The fenced `python` examples in the docstrings of `DOCSTRING_MODULES` run too, each in a
+copy of its module's namespace (as doctest does) inside an empty temporary directory.
+
 Warnings are errors here as everywhere in the suite. Every `MetricCheckpointManager`
 a page opened is closed after the page, so no Orbax thread outlives the temporary
 directory; pages should still close what they open.
@@ -20,6 +23,8 @@ directory; pages should still close what they open.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import re
 import textwrap
@@ -248,3 +253,147 @@ def test_unknown_marker_is_refused() -> None:
     text = "<!-- docs-test: skipp -->\n```python\npass\n```\n"
     with pytest.raises(ValueError, match="unknown docs-test marker 'skipp'"):
         extract_blocks(Path("typo.md"), text)
+
+
+# Modules whose docstring examples run. Each example runs alone, in a copy of its module's
+# namespace, so it may use the module's names without importing them.
+DOCSTRING_MODULES = [
+    "artifex_ckpt.policies",
+    "artifex_ckpt.validation",
+    "artifex_ckpt.plan",
+    "artifex_ckpt.housekeeping",
+    "artifex_ckpt.naming",
+    "artifex_ckpt.settings",
+    "artifex_ckpt.manager",
+]
+# Examples that are shown but cannot run alone, by id, with the reason.
+DOCSTRING_SKIPS: dict[str, str] = {}
+# Examples use an illustrative absolute directory; here it is moved into the test's directory.
+EXAMPLE_PATH = re.compile(r"""(["'])/tmp/run\1""")
+
+
+@dataclass(frozen=True)
+class DocExample:
+    """One fenced block of one docstring, located in its source file."""
+
+    id: str
+    module: str
+    path: Path
+    line: int
+    code: str
+
+
+def _documented(module: Any) -> Iterator[tuple[str, Any]]:
+    """The module and every class, function, method and property defined in it."""
+    yield "module", module
+    for obj in vars(module).values():
+        if getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        yield obj.__qualname__, obj
+        if inspect.isclass(obj):
+            for member in vars(obj).values():
+                if isinstance(member, property):
+                    member = member.fget
+                member = getattr(member, "__func__", member)
+                if inspect.isfunction(member):
+                    yield member.__qualname__, member
+
+
+def docstring_examples(module_name: str) -> list[DocExample]:
+    """The runnable `python` blocks in the docstrings of `module_name`."""
+    module = importlib.import_module(module_name)
+    path = Path(inspect.getfile(module))
+    source = path.read_text().splitlines()
+    examples = []
+    for qualname, obj in _documented(module):
+        doc = inspect.getdoc(obj) if obj is not module else inspect.cleandoc(module.__doc__ or "")
+        if not doc or obj.__doc__ is None:
+            continue
+        start = 0 if obj is module else inspect.getsourcelines(obj)[1] - 1
+        blocks = [b for b in extract_blocks(path, doc) if b.runnable]
+        for number, block in enumerate(blocks):
+            first = block.code.splitlines()[0].strip()
+            line = next(
+                (i + 1 for i in range(start, len(source)) if source[i].strip() == first),
+                block.line,
+            )
+            suffix = f"[{number}]" if len(blocks) > 1 else ""
+            short = module_name.removeprefix("artifex_ckpt.")
+            examples.append(
+                DocExample(f"{short}:{qualname}{suffix}", module_name, path, line, block.code)
+            )
+    return examples
+
+
+DOC_EXAMPLES = [e for name in DOCSTRING_MODULES for e in docstring_examples(name)]
+
+
+def run_docstring_example(example: DocExample, workdir: Path) -> None:
+    """Run one example in a copy of its module's namespace; tracebacks point at its source."""
+    code = EXAMPLE_PATH.sub(lambda _: repr(str(workdir / "run")), example.code)
+    namespace = dict(vars(importlib.import_module(example.module)))
+    source = "\n" * (example.line - 1) + code
+    exec(compile(source, str(example.path), "exec"), namespace)  # our own docstrings
+
+
+@pytest.mark.parametrize("example", DOC_EXAMPLES, ids=[e.id for e in DOC_EXAMPLES])
+def test_docstring_example_runs(
+    example: DocExample,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    managers_closed_after: None,
+) -> None:
+    if example.id in DOCSTRING_SKIPS:
+        pytest.skip(DOCSTRING_SKIPS[example.id])
+    monkeypatch.chdir(tmp_path)
+    run_docstring_example(example, tmp_path)
+
+
+def test_docstring_examples_are_found_and_skips_are_current() -> None:
+    ids = {e.id for e in DOC_EXAMPLES}
+    documented = {e.module for e in DOC_EXAMPLES}
+    assert documented == set(DOCSTRING_MODULES), set(DOCSTRING_MODULES) - documented
+    assert set(DOCSTRING_SKIPS) <= ids, set(DOCSTRING_SKIPS) - ids
+
+
+def test_a_broken_docstring_example_fails_at_its_source_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = tmp_path / "docstring_example_module.py"
+    module.write_text(
+        textwrap.dedent(
+            '''\
+            """A module.
+
+            Example:
+                ```python
+                assert double(2) == 4
+                ```
+            """
+
+
+            def double(x):
+                """Twice `x`.
+
+                Example:
+                    ```python
+                    result = double(3)
+                    assert result == 7
+                    ```
+                """
+                return 2 * x
+            '''
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    examples = docstring_examples("docstring_example_module")
+    assert [(e.id, e.line) for e in examples] == [
+        ("docstring_example_module:module", 5),
+        ("docstring_example_module:double", 15),
+    ]
+    run_docstring_example(examples[0], tmp_path)
+    with pytest.raises(AssertionError) as info:
+        run_docstring_example(examples[1], tmp_path)
+    assert (module, 16) in [(Path(entry.path), entry.lineno + 1) for entry in info.traceback]

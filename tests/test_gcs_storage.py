@@ -73,6 +73,19 @@ def test_rename_uses_the_patched_move_route(gcs_dir: epath.Path, gcs_bucket: Emu
     assert (gcs_dir / "new").read_text() == "moved"
 
 
+def test_reads_carry_a_generation_for_conditional_writes(gcs_dir: epath.Path) -> None:
+    # OCDBT updates its manifest by read, then write-if-unchanged; the patched download
+    # route reports the generation that the conditional write needs.
+    import tensorstore as ts
+
+    bucket, _, prefix = os.fspath(gcs_dir).removeprefix("gs://").partition("/")
+    store = ts.KvStore.open({"driver": "gcs", "bucket": bucket, "path": f"{prefix}/"}).result()
+    store.write("manifest", b"v1").result()
+    read = store.read("manifest").result()
+    store.write("manifest", b"v2", if_equal=read.stamp.generation).result()
+    assert store.read("manifest").result().value == b"v2"
+
+
 # absolute()
 
 
@@ -109,7 +122,7 @@ def test_absolute_expands_home_and_makes_local_paths_absolute(
 )
 def test_absolute_rejects_what_is_no_directory(value: object, reason: str) -> None:
     with pytest.raises(ConfigError, match=reason) as info:
-        absolute(value)  # type: ignore[arg-type]
+        absolute(value)
     assert repr(value) in str(info.value)
     assert "gs://bucket/prefix" in str(info.value)
 
@@ -239,7 +252,7 @@ def test_metric_manager_keeps_best_and_last_on_gcs(gcs_dir: epath.Path, model: T
     losses = [0.5, 0.3, 0.4]
     with MetricCheckpointManager(gcs_dir, monitor="val_loss", save_top_k=1) as manager:
         for step, loss in enumerate(losses):
-            model.out.bias[...] = model.out.bias[...] + 1.0
+            model.out.kernel[...] = model.out.kernel[...] + 1.0
             assert save_checkpoint(manager, model, step, metrics={"val_loss": loss})
             if step == 1:
                 best_state = TinyMLP(nnx.Rngs(1))

@@ -1,15 +1,44 @@
-"""Filename templates: rendering, safe names, parsing the epoch back."""
+"""Filename templates: validation when built, rendering, safe names, reading names back."""
 
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from artifex_ckpt import FilenameTemplate, MetricError
-from artifex_ckpt.naming import safe_name
+from artifex_ckpt import ConfigError, FilenameTemplate, MetricError, StepError
+from artifex_ckpt.naming import TemplateNameFormat, safe_name
+
+SEED_TEMPLATES = [
+    "model-{epoch:02d}-{val_loss:.4f}",
+    "best-model-{epoch:02d}-{val_accuracy:.4f}",
+    "model-epoch{epoch:03d}-loss{val_loss:.6f}-acc{val_accuracy:.4f}",
+]
+EXTREMES = [0.0, 1.0, -1.0, 1e300, 1e-300, math.nan, math.inf, -math.inf, -1e300, -1e-300]
+COUNTERS = [0, 7, 12345, 10**9]
+
+
+def written(value: float, spec: str) -> float:
+    """What a metric's text says, computed independently of the library: the spec's text,
+    or scientific notation with the spec's precision when that text exceeds 24 characters."""
+    text = format(value, spec)
+    if len(text) > 24:
+        precision = re.search(r"\.(\d+)", spec)
+        text = format(value, f".{precision.group(1) if precision else 4}e")
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+
+
+def same(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+# --- rendering -------------------------------------------------------------------------
 
 
 def test_default_template_renders_seed_name() -> None:
@@ -17,24 +46,129 @@ def test_default_template_renders_seed_name() -> None:
     assert template.render(epoch=3, metrics={"val_loss": 0.12344}) == "model-03-0.1234"
 
 
+def test_one_positional_argument_keeps_the_epoch_as_key() -> None:
+    template = FilenameTemplate("m-{epoch}")
+    assert template.key == "epoch"
+    assert template == FilenameTemplate("m-{epoch}", key="epoch")
+    assert template != FilenameTemplate("m-{epoch}-{step}", key="step")
+
+
+@pytest.mark.parametrize("template_text", SEED_TEMPLATES)
+def test_seed_templates_read_back_every_extreme(template_text: str) -> None:
+    template = FilenameTemplate(template_text)
+    specs = dict(re.findall(r"\{(\w+):([^}]*)\}", template_text))
+    for epoch in COUNTERS:
+        for value in EXTREMES:
+            metrics = dict.fromkeys(template.metric_fields, value)
+            name = template.render(epoch=epoch, metrics=metrics)
+            assert len(name.encode()) <= 255
+            parsed = template.parse(name)
+            assert parsed is not None, name
+            assert parsed["epoch"] == epoch and template.parse_step(name) == epoch
+            for metric in template.metric_fields:
+                assert same(parsed[metric], written(value, specs[metric])), (name, metric)
+
+
+def test_huge_values_switch_to_scientific_notation_and_tiny_ones_round() -> None:
+    template = FilenameTemplate("model-{epoch:02d}-{val_loss:.4f}")
+    assert template.render(epoch=1, metrics={"val_loss": 1e300}) == "model-01-1.0000e+300"
+    assert template.render(epoch=1, metrics={"val_loss": -2.5e30}) == "model-01--2.5000e+30"
+    assert template.render(epoch=1, metrics={"val_loss": 1e-300}) == "model-01-0.0000"
+    assert template.parse("model-01-1.0000e+300") == {"epoch": 1, "val_loss": 1e300}
+    # Up to 24 characters the spec's own text is kept; the sign option carries over.
+    assert template.render(epoch=1, metrics={"val_loss": 1.5e18}) == (
+        "model-01-1500000000000000000.0000"
+    )
+    assert template.render(epoch=1, metrics={"val_loss": 1.5e19}) == "model-01-1.5000e+19"
+    assert FilenameTemplate("m-{epoch}-{a:+.2f}").render(epoch=0, metrics={"a": 1e25}) == (
+        "m-0-+1.00e+25"
+    )
+    wide = FilenameTemplate("m-{epoch}-{a:030.4f}")
+    assert wide.render(epoch=0, metrics={"a": 0.5}) == "m-0-" + "0" * 24 + "0.5000"
+
+
+def test_zero_padded_nan_reads_back() -> None:
+    template = FilenameTemplate("m-{epoch}-{a:08.3f}")
+    name = template.render(epoch=2, metrics={"a": math.nan})
+    assert name == "m-2-00000nan"
+    parsed = template.parse(name)
+    assert parsed is not None and math.isnan(parsed["a"])
+
+
 def test_metric_names_with_slash_and_at_render_one_directory() -> None:
     template = FilenameTemplate("m/{epoch:03d}-{val/loss:.3f}-{acc@1:.2f}")
     name = template.render(epoch=7, metrics={"val/loss": 0.5, "acc@1": 0.25})
     assert name == "m_007-0.500-0.25"
     assert "/" not in name
-    assert template.parse_epoch(name) == 7
+    assert template.parse(name) == {"epoch": 7, "val/loss": 0.5, "acc@1": 0.25}
 
 
 def test_step_placeholder_is_the_global_step() -> None:
     template = FilenameTemplate("e{epoch}-s{step}")
     assert template.render(epoch=2, step=300) == "e2-s300"
     assert template.render(epoch=2) == "e2-s2"
+    assert template.parse("e2-s300") == {"epoch": 2, "step": 300}
+
+
+def test_counters_must_be_non_negative_integers() -> None:
+    template = FilenameTemplate("m-{epoch}-s{step}")
+    with pytest.raises(StepError, match=r"epoch=-1 .*'m-\{epoch\}-s\{step\}'.*>= 0"):
+        template.render(epoch=-1)
+    with pytest.raises(StepError, match=r"step=True"):
+        template.render(epoch=1, step=True)
+    with pytest.raises(StepError, match=r"step=2.5"):
+        template.render(epoch=1, step=2.5)  # type: ignore[arg-type]
 
 
 def test_missing_metric_names_placeholder_and_given_keys() -> None:
     template = FilenameTemplate("model-{epoch}-{val_acc:.2f}")
-    with pytest.raises(MetricError, match=r"'val_acc'.*metrics given: \['loss'\]"):
+    with pytest.raises(MetricError, match=r"'val_acc'.*metrics given: \['loss'\].*missing='none'"):
         template.render(epoch=1, metrics={"loss": 1.0})
+
+
+def test_missing_metric_can_be_written_as_none_and_reads_back_absent() -> None:
+    template = FilenameTemplate("model-{epoch:02d}-{val_loss:.4f}-{acc:.1%}")
+    name = template.render(epoch=4, metrics={"acc": 0.5}, missing="none")
+    assert name == "model-04-none-50.0%"
+    assert template.parse(name) == {"epoch": 4, "acc": 0.5}
+    assert template.parse_step(name) == 4
+    # NaN is a value, "none" is its absence.
+    nan_name = template.render(epoch=5, metrics={"val_loss": math.nan, "acc": 0.5})
+    parsed = template.parse(nan_name)
+    assert parsed is not None and math.isnan(parsed["val_loss"])
+    with pytest.raises(ConfigError, match=r"missing='skip'.*'raise' or 'none'"):
+        template.render(epoch=4, missing="skip")  # type: ignore[arg-type]
+
+
+def test_metric_that_is_not_a_number_is_refused_by_name() -> None:
+    template = FilenameTemplate("m-{epoch}-{val_loss:.2f}")
+    with pytest.raises(MetricError, match=r"'val_loss' is 'low'"):
+        template.render(epoch=1, metrics={"val_loss": "low"})
+
+
+# --- the key -----------------------------------------------------------------------------
+
+
+def test_step_key_reads_the_global_step_back() -> None:
+    template = FilenameTemplate("ckpt-{step:06d}-e{epoch}-{val_loss:.3f}", key="step")
+    name = template.render(step=1500, epoch=3, metrics={"val_loss": 0.25})
+    assert name == "ckpt-001500-e3-0.250"
+    assert template.parse_step(name) == 1500
+    assert template.parse_epoch(name) == 3
+    # The other counter defaults to the key.
+    assert template.render(step=20, metrics={"val_loss": 0.25}) == "ckpt-000020-e20-0.250"
+    with pytest.raises(StepError, match=r"keyed by \{step\}.*step="):
+        template.render(epoch=3, metrics={"val_loss": 0.25})
+
+
+def test_step_key_without_epoch_placeholder() -> None:
+    template = FilenameTemplate("ckpt-{step:06d}", key="step")
+    assert template.parse_step("ckpt-000042") == 42
+    assert template.parse_epoch("ckpt-000042") is None
+    assert template.parse_step("ckpt-x") is None
+
+
+# --- reading names back ----------------------------------------------------------------
 
 
 def test_foreign_and_temporary_names_do_not_parse() -> None:
@@ -42,11 +176,155 @@ def test_foreign_and_temporary_names_do_not_parse() -> None:
     assert template.parse_epoch("model-xx-0.1") is None
     assert template.parse_epoch("artifex_ckpt.json") is None
     assert template.parse_epoch("12") is None
+    assert template.parse_step("model-03-0.1234.orbax-checkpoint-tmp-17") is None
+    # Digits of other scripts are not steps, though int() would accept them.
+    assert template.parse_step("model-\u0663-0.1234") is None
+    assert template.parse("model-03-nonesuch") is None
+
+
+def test_copies_with_extra_text_are_not_checkpoints() -> None:
+    template = FilenameTemplate("m-{epoch:02d}-{val_loss:.2f}")
+    assert template.parse_epoch("m-00-0.50") == 0
+    assert template.parse_epoch("m-00-0.50.bak") is None
+    assert template.parse_epoch("m-00-0.50 (copy)") is None
+
+
+@pytest.mark.parametrize("value", [-3.0, 1e-05, 12345.678, math.nan, -math.inf, 0.5, 1e300])
+@pytest.mark.parametrize(
+    "template",
+    ["{val_loss:.0f}-{epoch}-{acc:.2f}", "m-{val_loss}-{epoch}-{acc}", "m-{epoch}-{acc:.1%}"],
+)
+def test_metric_values_never_shift_the_epoch(template: str, value: float) -> None:
+    parsed = FilenameTemplate(template)
+    name = parsed.render(epoch=7, metrics={"val_loss": value, "acc": value})
+    assert parsed.parse_epoch(name) == 7, name
+
+
+# --- refused templates -------------------------------------------------------------------
+
+BAD_TEMPLATES = [
+    # (template, key, words the message must contain)
+    (
+        "m-{epoch}-{val_loss:<2g}",
+        "epoch",
+        ["{val_loss:<2g}", "val_loss=0.0", "'m-0-0_'", "cannot be read back", "'{val_loss:.4f}'"],
+    ),
+    ("m-{epoch:>5}", "epoch", ["{epoch:>5}", "'>5'", "epoch=0", "read back", "'{epoch:02d}'"]),
+    ("m-{epoch:x}", "epoch", ["{epoch:x}", "epoch=12345", "3039", "'{epoch:02d}'"]),
+    ("m-{epoch:,d}", "epoch", ["epoch=12345", "'12,345'", "an integer"]),
+    ("m-{epoch}-{step:+d}", "epoch", ["{step:+d}", "step=0", "'+0'", "'{step:02d}'"]),
+    ("m-{epoch:.2f}", "epoch", ["{epoch:.2f}", "'{epoch:02d}'"]),
+    ("m-{epoch}-{val_loss:d}", "epoch", ["'d'", "{val_loss}", "float metric", "'.4f'"]),
+    ("m-{epoch}-{a:0<6.0f}", "epoch", ["{a:0<6.0f}", "a=1.0", "100000.0", "not 1.0"]),
+    ("m-{epoch}-{a:#.0f}", "epoch", ["{a:#.0f}", "a=0.0", "'0.'"]),
+    ("m-{epoch}-{a:n}", "epoch", ["'n'", "{a}", "locale", "'.4f'"]),
+    ("{epoch}-{a:.0f}e{b:.0f}", "epoch", ["{a}", "as written", "separate"]),
+    ("m-{val_loss:.2f}", "epoch", ["no {epoch}", "'model-{epoch:02d}'"]),
+    ("m-{epoch:02d}", "step", ["no {step}", "'model-{step:06d}'"]),
+    ("{epoch}{val_loss}", "epoch", ["{epoch} and {val_loss} touch", "'-'"]),
+    ("e{epoch}-{step}{val_loss}", "step", ["{step} and {val_loss} touch"]),
+    ("m-{a}{b}-{epoch}", "epoch", ["{a} and {b} touch"]),
+    ("m-{epoch", "epoch", ["does not parse"]),
+    ("m-{epoch}-{}", "epoch", ["positional", "{}"]),
+    ("m-{epoch!r}", "epoch", ["{epoch}", "conversion"]),
+    (".m-{epoch}", "epoch", ["starts with '.'", "hidden", ".artifex"]),
+    ("m-{epoch}.orbax-checkpoint-tmp-1", "epoch", ["temporary suffix", "unfinished"]),
+    ("m-{epoch}-" + "x" * 243, "epoch", ["256 bytes", "{epoch} writes 10", "255-byte limit"]),
+    (
+        "m-{epoch}-{val_loss:.4f}-" + "x" * 222,
+        "epoch",
+        ["{val_loss:.4f} writes 24", "255-byte limit", "'.3e'"],
+    ),
+    ("\u00e9" * 123 + "-{epoch}", "epoch", ["257 bytes", "UTF-8"]),
+]
+
+
+@pytest.mark.parametrize(("template", "key", "words"), BAD_TEMPLATES)
+def test_bad_templates_are_refused_when_built(template: str, key: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        FilenameTemplate(template, key=key)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert repr(template) in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+@pytest.mark.parametrize(
+    ("template", "key", "words"),
+    [
+        ("", "epoch", ["filename=''", "non-empty str", "'model-{epoch:02d}-{val_loss:.4f}'"]),
+        (None, "epoch", ["filename=None", "non-empty str"]),
+        ("m-{epoch}", "global", ["key='global'", "'m-{epoch}'", "'epoch' or 'step'"]),
+    ],
+)
+def test_not_a_template_or_key(template: object, key: object, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        FilenameTemplate(template, key=key)  # type: ignore[arg-type]
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_byte_limit_counts_utf8_and_accepts_exactly_255() -> None:
+    # 244 bytes of text + "-" + a ten-digit epoch (10**9) = 255 bytes.
+    ascii_edge = FilenameTemplate("x" * 244 + "-{epoch}")
+    assert len(ascii_edge.render(epoch=10**9).encode()) == 255
+    unicode_edge = FilenameTemplate("\u00e9" * 122 + "-{epoch}")
+    name = unicode_edge.render(epoch=10**9)
+    assert len(name) == 133 and len(name.encode()) == 255
+    with pytest.raises(ConfigError, match="256 bytes"):
+        FilenameTemplate("x" * 245 + "-{epoch}")
+
+
+def test_unicode_metric_names_and_literals_are_kept() -> None:
+    template = FilenameTemplate("modèle-{epoch:02d}-{损失:.3f}")
+    name = template.render(epoch=1, metrics={"损失": 0.5})
+    assert name == "modèle-01-0.500"
+    assert template.parse(name) == {"epoch": 1, "损失": 0.5}
+
+
+def test_rendered_names_are_never_hidden_or_special() -> None:
+    # A metric first is fine: numbers never start with "."; the name may start with "-".
+    template = FilenameTemplate("{val_loss:.2f}-{epoch}")
+    for value in EXTREMES:
+        name = template.render(epoch=0, metrics={"val_loss": value})
+        assert name not in ("", ".", "..") and not name.startswith(".")
+        assert template.parse_step(name) == 0
 
 
 def test_safe_name_replaces_separators() -> None:
     assert safe_name("a/b\\c d:e") == "a_b_c_d_e"
+    assert safe_name("é-1") == "é-1"
 
+
+# --- the Orbax name format --------------------------------------------------------------
+
+
+def test_name_format_finds_steps_by_the_key(tmp_path: Path) -> None:
+    template = FilenameTemplate("ckpt-{step:06d}-{val_loss:.4f}", key="step")
+    for name in [
+        "ckpt-000100-0.5000",
+        "ckpt-000200-none",
+        "ckpt-000300-0.1000.orbax-checkpoint-tmp-1712",  # unfinished
+        "ckpt-000400-0.5000.bak",  # a copy
+    ]:
+        (tmp_path / name).mkdir()
+    (tmp_path / "ckpt-000500-0.5000").write_text("a file, not a checkpoint")
+    names = TemplateNameFormat(template)
+    found = sorted((m.step, m.path.name) for m in names.find_all(tmp_path))
+    assert found == [(100, "ckpt-000100-0.5000"), (200, "ckpt-000200-none")]
+    assert names.build_name(200) == "ckpt-000200-none"
+    assert "key='step'" in str(names)
+
+
+def test_name_format_refuses_two_directories_of_one_step(tmp_path: Path) -> None:
+    template = FilenameTemplate("m-{epoch:02d}-{val_loss:.2f}")
+    (tmp_path / "m-03-0.50").mkdir()
+    (tmp_path / "m-03-0.90").mkdir()
+    with pytest.raises(StepError, match=r"both read as step 3"):
+        list(TemplateNameFormat(template).find_all(tmp_path))
+
+
+# --- properties --------------------------------------------------------------------------
 
 metric_names = st.text(
     alphabet=st.characters(codec="ascii", exclude_characters="{}:!"), min_size=1, max_size=8
@@ -78,19 +356,51 @@ def test_epoch_round_trips_through_rendered_name(
         assert name.endswith("nan")
 
 
-@pytest.mark.parametrize("value", [-3.0, 1e-05, 12345.678, math.nan, -math.inf, 0.5])
-@pytest.mark.parametrize(
-    "template",
-    ["{val_loss:.0f}-{epoch}-{acc:.2f}", "m-{val_loss}-{epoch}-{acc}", "m-{epoch}-{acc:.1%}"],
+metric_values = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([*EXTREMES, None, 1.5e18, -1.5e17, 1.5e19, 0.015, -9.99995e15]),
 )
-def test_metric_values_never_shift_the_epoch(template: str, value: float) -> None:
-    parsed = FilenameTemplate(template)
-    name = parsed.render(epoch=7, metrics={"val_loss": value, "acc": value})
-    assert parsed.parse_epoch(name) == 7, name
 
 
-def test_copies_with_extra_text_are_not_checkpoints() -> None:
-    template = FilenameTemplate("m-{epoch:02d}-{val_loss:.2f}")
-    assert template.parse_epoch("m-00-0.50") == 0
-    assert template.parse_epoch("m-00-0.50.bak") is None
-    assert template.parse_epoch("m-00-0.50 (copy)") is None
+@settings(max_examples=150)
+@given(
+    key=st.sampled_from(["epoch", "step"]),
+    key_spec=st.sampled_from(["", "d", "03d", "06d"]),
+    other_spec=st.sampled_from(["", "d", "03d", "06d", None]),
+    specs=st.lists(st.sampled_from([".4f", ".2e", ".3g", ".1%", ""]), min_size=1, max_size=3),
+    separator=st.sampled_from(["-", "_", "-loss", "="]),
+    counters=st.tuples(st.integers(0, 10**12), st.integers(0, 10**12)),
+    data=st.data(),
+)
+def test_render_then_parse_reads_back_key_exactly_and_metrics_as_written(
+    key: str,
+    key_spec: str,
+    other_spec: str | None,
+    specs: list[str],
+    separator: str,
+    counters: tuple[int, int],
+    data: st.DataObject,
+) -> None:
+    other = "step" if key == "epoch" else "epoch"
+    fields = [f"{{{key}:{key_spec}}}"] + [f"{{m{i}:{spec}}}" for i, spec in enumerate(specs)]
+    if other_spec is not None:
+        fields.append(f"{{{other}:{other_spec}}}")
+    order = data.draw(st.permutations(fields))
+    template = FilenameTemplate("run-" + separator.join(order), key=key)  # type: ignore[arg-type]
+    metrics = {f"m{i}": data.draw(metric_values) for i in range(len(specs))}
+    given_metrics = {k: v for k, v in metrics.items() if v is not None}
+    name = template.render(
+        **{key: counters[0], other: counters[1]},
+        metrics=given_metrics,
+        missing="none",
+    )
+    assert len(name.encode()) <= 255
+    parsed = template.parse(name)
+    assert parsed is not None, name
+    assert template.parse_step(name) == counters[0] == parsed[key]
+    if other_spec is not None:
+        assert parsed[other] == counters[1]
+    for i, spec in enumerate(specs):
+        value = metrics[f"m{i}"]
+        expected = None if value is None else written(value, spec)
+        assert same(parsed.get(f"m{i}"), expected), (name, spec, value)

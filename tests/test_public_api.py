@@ -7,6 +7,15 @@ def test_all_is_pinned() -> None:
     assert sorted(artifex_ckpt.__all__) == sorted(
         [
             "BaseCallback",
+            "TrainingPreempted",
+            "StaleLeaseWarning",
+            "ResumePoint",
+            "Resumable",
+            "OwnershipError",
+            "ModelMismatchError",
+            "EveryInterval",
+            "CorruptCheckpointError",
+            "CheckpointWarning",
             "BestNByRank",
             "CallbackList",
             "CheckpointConfig",

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from artifex_ckpt.callbacks.base import BaseCallback, CallbackList, TrainerLike
+from artifex_ckpt.callbacks.base import (
+    BaseCallback,
+    CallbackList,
+    Resumable,
+    ResumeFrom,
+    ResumePoint,
+    TrainerLike,
+)
 from artifex_ckpt.callbacks.checkpoint import ModelCheckpoint
 from artifex_ckpt.callbacks.early_stopping import EarlyStopping, EarlyStoppingConfig
 from artifex_ckpt.callbacks.progress import ProgressBarCallback, ProgressBarConfig
@@ -17,5 +24,8 @@ __all__ = [
     "ModelCheckpoint",
     "ProgressBarCallback",
     "ProgressBarConfig",
+    "Resumable",
+    "ResumeFrom",
+    "ResumePoint",
     "TrainerLike",
 ]

@@ -30,7 +30,9 @@ class TrainerLike(Protocol):
 
     `optimizer` is None when the loop has none; `step` is the global step (batches trained),
     `epoch` the current 0-based epoch, `initial_epoch` the first epoch of this `fit`,
-    `epochs` the total (None if unbounded), `num_batches` per epoch (None if unknown).
+    `epochs` the total (None if unbounded), `num_batches` per epoch (None if unknown),
+    `batches_done` the batches of the current epoch trained so far, and `data_iterator`
+    the training data when it is one stream whose position can be checkpointed (else None).
     Callbacks may set `stop_training`.
     """
 
@@ -50,16 +52,22 @@ class TrainerLike(Protocol):
     def epochs(self) -> int | None: ...
     @property
     def num_batches(self) -> int | None: ...
+    @property
+    def batches_done(self) -> int: ...
+    @property
+    def data_iterator(self) -> Iterator[Any] | None: ...
 
 
 class ResumePoint(NamedTuple):
-    """Where a restored checkpoint left training: its step and path, the last completed
-    epoch and the global step."""
+    """Where a restored checkpoint left training: its step and path, its epoch and the
+    global step. `batches_done` is None when the epoch was complete, else the batches of
+    that epoch already trained (a checkpoint written mid-epoch)."""
 
     step: int
     path: epath.Path
     epoch: int
     global_step: int
+    batches_done: int | None = None
 
 
 @runtime_checkable

@@ -20,6 +20,7 @@ from artifex_ckpt import (
     MetricCheckpointManager,
     MetricError,
     ModelCheckpoint,
+    ModelMismatchError,
     SettingsMismatchError,
     StepError,
     Trainer,
@@ -151,7 +152,9 @@ CASES: dict[str, Case] = {
         lambda r: _load(r, 7), CheckpointNotFoundError, ("step 7", "[0, 1]")
     ),
     "restore bad step spec": Case(lambda r: _load(r, "first"), ValueError, ("'first'", "'best'")),
-    "restore wrong tree": Case(_load_into_other_architecture, ValueError, ("do not match",)),
+    "restore wrong tree": Case(
+        _load_into_other_architecture, ModelMismatchError, ("does not fit", "dense/kernel")
+    ),
     "restore weights-only optimizer": Case(
         lambda r: _load(r, "latest", optimizer=True, folder="weights"),
         WeightsOnlyError,

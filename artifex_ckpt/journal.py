@@ -1,0 +1,109 @@
+"""The writer's journal: what happens after a save commits, and the decisions to record.
+
+`save` tells the journal what it started (`committing`) or declined (`declined`) in a few
+hundred nanoseconds; the slow parts wait for the housekeeper, which runs `flush` once the
+save has committed: a manifest of sizes and checksums is written into the new checkpoint,
+and the saved, evicted and not-saved decisions are appended to the run's history. A save that
+failed has no committed directory, so it gets neither (its error is raised by
+`wait_until_finished`).
+
+Example:
+    ```python
+    journal = Journal(DecisionHistory("/tmp/journal-run"), k=3)
+    journal.declined(4, 0.9, kth=0.5)
+    journal.flush()
+    assert journal.history.read()[-1].kind == "not_saved"
+    ```
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from etils import epath
+from orbax.checkpoint.path import step as step_lib
+
+from artifex_ckpt.history import Decision, DecisionHistory
+from artifex_ckpt.manifest import write_manifest
+
+__all__ = ["Committing", "Journal"]
+
+
+@dataclass(frozen=True)
+class Committing:
+    """A save in flight: its step, directory, score and rank, and the steps it evicts
+    as (step, name, score)."""
+
+    step: int
+    path: epath.Path
+    score: float | None
+    rank: int | None
+    evicted: tuple[tuple[int, str, float | None], ...] = ()
+
+
+class Journal:
+    """Manifests and decision history of one writer; thread-safe."""
+
+    def __init__(self, history: DecisionHistory, *, k: int, manifests: bool = True) -> None:
+        self.history = history
+        self.k = k
+        self.manifests = manifests
+        self._lock = threading.Lock()
+        self._committing: list[Committing] = []
+        self._declined: list[tuple[int, float | None, float | None, float]] = []
+        self._decisions: list[Decision] = []
+
+    def committing(self, entry: Committing) -> None:
+        """A save started; recorded once it has committed."""
+        with self._lock:
+            self._committing.append(entry)
+
+    def declined(self, step: int, score: float | None, *, kth: float | None) -> None:
+        """A checkpoint of `step` was not written: it would not enter the top k."""
+        with self._lock:
+            self._declined.append((step, score, kth, time.time()))
+
+    def record(self, decision: Decision) -> None:
+        """Any other decision (restored, skipped as corrupt, ...), written at the next flush."""
+        with self._lock:
+            self._decisions.append(decision)
+
+    def flush(self) -> None:
+        """Write manifests of committed saves and append every pending decision. Call when
+        no save is in flight."""
+        with self._lock:
+            committing, self._committing = self._committing, []
+            declined, self._declined = self._declined, []
+            decisions, self._decisions = self._decisions, []
+        out = [
+            Decision.not_saved(step, score, k=self.k, kth=kth, at=at)
+            for step, score, kth, at in declined
+        ]
+        for entry in committing:
+            if not _committed(entry):
+                continue
+            if self.manifests:
+                write_manifest(entry.path)
+            out.append(
+                Decision.saved(entry.step, entry.path.name, entry.score, rank=entry.rank, k=self.k)
+            )
+            out.extend(
+                Decision.evicted(
+                    step, name, score, by=entry.path.name, by_step=entry.step, by_score=entry.score
+                )
+                for step, name, score in entry.evicted
+            )
+        out.extend(decisions)
+        for decision in sorted(out, key=lambda d: d.time):
+            self.history.append(decision)
+        self.history.flush()
+
+
+def _committed(entry: Committing) -> bool:
+    path = entry.path
+    return (
+        path.is_dir()
+        and step_lib.Metadata(step=entry.step, path=path).commit_timestamp_nsecs is not None
+    )

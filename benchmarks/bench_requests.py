@@ -1,0 +1,194 @@
+"""B7: HTTP requests to object storage (gs://) per operation, ours against raw Orbax.
+
+On a bucket, latency and cost follow the number of requests, not local CPU time, so
+this counts them: the local GCS emulator of `tests/gcs_emulator.py` (started here, in
+a subprocess) counts every request it serves. Both managers get the same items, the
+same handler registry and equivalent retention (k best by `val_loss`, plus the
+newest); the raw one is `ocp.CheckpointManager` with `best_fn`, `best_mode` and an
+`AnyPreservationPolicy([BestN, LatestN(1)])`.
+
+Operations, each counted alone:
+
+- `first_save`, `save`: a save into a fresh directory, then one that evicts nothing;
+- `save_evict`: a save that makes retention delete an older checkpoint;
+- `open_best`: open a directory of N checkpoints (a new process: no listing cache)
+  and call `best_step()`;
+- `restore_best`: ours `load_checkpoint(manager, model, "best")`, raw
+  `mgr.restore(mgr.best_step(), args=...)`, model only.
+
+Example:
+    ```python
+    result = run(quick=True)
+    print(result["requests"]["ours"]["save"], result["ratio"]["save"])
+    ```
+"""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import optax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from artifex_ckpt import MetricCheckpointManager
+from artifex_ckpt.checkpointing import checkpoint_args, load_checkpoint
+from artifex_ckpt.handlers import default_handler_registry
+from benchmarks.fixtures import MLP
+from benchmarks.report import Figure
+from benchmarks.timing import Spread
+from tests.gcs_emulator import BUCKET, Emulator, configure_environment
+
+TOP_K = 2
+OPERATIONS = ("first_save", "save", "save_evict", "open_best", "restore_best")
+# Losses of the saves: the third is best, so with k=2 it evicts the first.
+LOSSES = (0.5, 0.4, 0.3)
+Opener = Callable[[epath.Path], ocp.CheckpointManager]
+
+
+def _ours(path: epath.Path) -> ocp.CheckpointManager:
+    return MetricCheckpointManager(path, monitor="val_loss", mode="min", save_top_k=TOP_K)
+
+
+def _raw(path: epath.Path) -> ocp.CheckpointManager:
+    def loss(metrics: Any) -> float:
+        return float(metrics["val_loss"])
+
+    retention = ocm.AnyPreservationPolicy(
+        [ocm.BestN(get_metric_fn=loss, reverse=True, n=TOP_K), ocm.LatestN(n=1)]
+    )
+    options = ocp.CheckpointManagerOptions(
+        best_fn=loss, best_mode="min", preservation_policy=retention
+    )
+    return ocp.CheckpointManager(path, options=options, handler_registry=default_handler_registry())
+
+
+def _fresh_listings() -> None:
+    """Forget gcsfs's listing cache, as a new process would start without it."""
+    import fsspec
+
+    fsspec.filesystem("gcs").invalidate_cache()
+
+
+class _Counter:
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
+
+    def __call__(self, fn: Callable[[], object]) -> int:
+        self.emulator.reset_count()
+        fn()
+        return self.emulator.request_count()
+
+
+def _saves(open_manager: Opener, root: epath.Path, count: _Counter) -> dict[str, int]:
+    model = MLP(16, 2, nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    counts: dict[str, int] = {}
+    with open_manager(root) as manager:
+        for step, (name, loss) in enumerate(zip(OPERATIONS[:3], LOSSES, strict=True)):
+            args = checkpoint_args(model, optimizer, trainer_state={"epoch": step})
+
+            def save(step: int = step, args: Any = args, loss: float = loss) -> None:
+                manager.save(step, args=args, metrics={"val_loss": loss})
+                manager.wait_until_finished()
+
+            counts[name] = count(save)
+        if sorted(manager.all_steps()) != [1, 2]:
+            raise AssertionError(f"retention kept {manager.all_steps()} in {root}, not [1, 2]")
+    return counts
+
+
+def _restore(open_manager: Opener, root: epath.Path, count: _Counter, ours: bool) -> int:
+    model = MLP(16, 2, nnx.Rngs(1))
+    _fresh_listings()
+    with open_manager(root) as manager:
+        if ours:
+            assert isinstance(manager, MetricCheckpointManager)
+            return count(lambda: load_checkpoint(manager, model, "best"))
+
+        def restore() -> None:
+            state = nnx.state(model)
+            target = ocp.args.StandardRestore(nnx.to_pure_dict(state))
+            restored = manager.restore(manager.best_step(), args=ocp.args.Composite(model=target))
+            nnx.replace_by_pure_dict(state, restored["model"])
+            nnx.update(model, state)
+
+        return count(restore)
+
+
+def _fill(root: epath.Path, checkpoints: int) -> None:
+    """`checkpoints` small JSON-only checkpoints, all kept, with scores 1.0, 0.99, ..."""
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    with MetricCheckpointManager(root, save_top_k=-1, options=options) as manager:
+        for step in range(checkpoints):
+            item = ocp.args.Composite(trainer_state=ocp.args.JsonSave({"epoch": step}))
+            manager.save(step, args=item, metrics={"val_loss": 1.0 - step / 100})
+
+
+def _open_best(open_manager: Opener, root: epath.Path, count: _Counter, best: int) -> int:
+    found: list[int | None] = []
+
+    def open_and_ask() -> None:
+        with open_manager(root) as manager:
+            found.append(manager.best_step())
+
+    _fresh_listings()
+    requests = count(open_and_ask)
+    if found != [best]:
+        raise AssertionError(f"best step of {root}: {found}, expected {best}")
+    return requests
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Count requests per operation for ours and raw Orbax; N = 10 checkpoints if quick, else 50.
+
+    Returns `{"checkpoints": N, "requests": {"ours": {...}, "raw": {...}},
+    "ratio": {operation: ours / raw}}`.
+    """
+    checkpoints = 10 if quick else 50
+    openers: dict[str, Opener] = {"ours": _ours, "raw": _raw}
+    requests: dict[str, dict[str, int]] = {name: {} for name in openers}
+    with Emulator(configure_environment()) as emulator:
+        count = _Counter(emulator)
+        base = epath.Path(f"gs://{BUCKET}/bench-requests-{uuid.uuid4().hex[:8]}")
+        many = base / "many"
+        _fill(many, checkpoints)
+        for name, open_manager in openers.items():
+            root = base / name
+            requests[name].update(_saves(open_manager, root, count))
+            requests[name]["restore_best"] = _restore(open_manager, root, count, name == "ours")
+            requests[name]["open_best"] = _open_best(open_manager, many, count, checkpoints - 1)
+    ratio = {op: requests["ours"][op] / requests["raw"][op] for op in OPERATIONS}
+    return {"checkpoints": checkpoints, "requests": requests, "ratio": ratio}
+
+
+def bench(args: argparse.Namespace) -> list[Figure]:
+    """`run` as figures for `python -m benchmarks` (counts are exact: one trial)."""
+    result = run(quick=args.quick)
+    note = f"gs:// emulator; open_best over {result['checkpoints']} checkpoints"
+    figures = []
+    for op in OPERATIONS:
+        ours, raw = result["requests"]["ours"][op], result["requests"]["raw"][op]
+        figures.append(
+            Figure(
+                "B7",
+                f"requests, {op}: ours / raw Orbax",
+                Spread.of([result["ratio"][op]]),
+                fmt=".2f",
+                note=f"{ours} / {raw}; {note}",
+                extra={"ours": ours, "raw": raw},
+            )
+        )
+    return figures
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
