@@ -10,6 +10,7 @@ template, ranks NaN-safely, and tidies the directory after each save commits.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 from orbax.checkpoint.path import step as step_lib
 
+from artifex_ckpt.agreement import shared_metrics
 from artifex_ckpt.config import CheckpointConfig
 from artifex_ckpt.directory import (
     TrashPurger,
@@ -237,6 +239,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
                 raise ConfigError(f"partial={partial!r} is not accepted; use one of {PARTIAL_TAGS}")
             metrics, force = {PARTIAL_METRIC: 1.0}, True
         floats = normalise_metrics(metrics, None if partial else self._plan.settings.monitor)
+        # Every decision below depends on the metrics: the primary host's decide for all.
+        floats = shared_metrics(floats, primary_host=self._plan.primary_host)
         if not force and not self.would_keep(step, floats):
             if self._journal is not None:
                 self._journal.declined(step, self._score(floats), kth=self._kth())
@@ -252,7 +256,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
                 step,
                 items,
                 save_kwargs,
-                metrics=floats,
+                metrics=_standard_json(floats),
                 force=force,
                 args=args,
                 custom_metadata=custom_metadata,
@@ -564,6 +568,13 @@ class MetricCheckpointManager(ocp.CheckpointManager):
     def _forget_name(self, step: int | None) -> None:
         if self._plan.name_format is not None and step is not None:
             self._plan.name_format.forget(step)
+
+
+def _standard_json(metrics: Mapping[str, float] | None) -> dict[str, float | str] | None:
+    # JSON has no NaN or infinity; "nan", "inf" and "-inf" read back through float().
+    if metrics is None:
+        return None
+    return {k: v if math.isfinite(v) else str(v) for k, v in metrics.items()}
 
 
 def _missing_dirs(directory: epath.Path) -> list[epath.Path]:

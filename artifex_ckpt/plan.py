@@ -73,6 +73,7 @@ class ManagerPlan:
     options: ocp.CheckpointManagerOptions
     orbax_kwargs: Mapping[str, Any]
     read_only: bool
+    primary_host: int | None
     is_writer: bool
     trash: epath.Path | None
 
@@ -147,6 +148,7 @@ def plan_manager(
         ),
         orbax_kwargs=kwargs,
         read_only=read_only,
+        primary_host=primary,
         is_writer=not read_only and primary in (None, process_index),
         trash=directory / TRASH if own_trash and is_local(directory) else None,
     )

@@ -43,8 +43,8 @@ def listed_steps(manager: MetricCheckpointManager) -> list[int]:
 
     Example:
         ```python
-        steps = listed_steps(manager)
-        assert all(not manager.step_path(s).is_symlink() for s in steps)
+        for step in listed_steps(manager):
+            print(step, manager.step_path(step).name)
         ```
     """
     return [step for step in sorted(manager.all_steps()) if not _is_link(manager, step)]
