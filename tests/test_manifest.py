@@ -1,15 +1,16 @@
-"""The manifest of a real Orbax checkpoint, and the damage `verify` finds in it."""
+"""The manifest of a real Orbax checkpoint, and the damage `verify` finds in it, on a local
+disk and in a bucket of the local GCS emulator (`gs://`)."""
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 import shutil
-import socket
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
+import fsspec
 import google_crc32c
 import jax
 import numpy as np
@@ -28,11 +29,16 @@ from artifex_ckpt.manifest import (
     DamagedManifestError,
     Manifest,
     ManifestEntry,
+    _Listed,
+    _listed_entry,
+    _listed_problem,
+    _listing,
     read_manifest,
     verify,
     write_manifest,
 )
 from tests.conftest import TinyMLP
+from tests.gcs_emulator import Emulator
 
 STEP = 3
 # 64 inputs make the first kernel 2 KiB: too big to be inlined in an OCDBT b-tree node,
@@ -295,44 +301,174 @@ def test_any_single_bit_flip_is_detected_by_deep_verify(
     assert verify(step_dir).ok  # the flip undone, nothing else was touched
 
 
+# On gs:// the checkpoint saved above is uploaded object by object; the damage is done
+# by rewriting or deleting objects, which is all a bucket allows.
+
+
+def _store(path: epath.Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = fsspec.core.url_to_fs(os.fspath(path))
+    return fs, str(root).rstrip("/")
+
+
+def _upload(local: Path, remote: epath.Path) -> None:
+    fs, root = _store(remote)
+    fs.pipe({f"{root}/{relative}": path.read_bytes() for relative, path in _files(local).items()})
+
+
 @pytest.fixture
-def bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[epath.Path]:
-    """A prefix in a bucket of a local GCS emulator, reached as gs:// through gcsfs."""
-    from gcp_storage_emulator.server import create_server
-
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://localhost:{port}")
-    server = create_server("localhost", port, in_memory=True, default_bucket="artifex")
-    server.start()
-    try:
-        yield epath.Path(f"gs://artifex/run-{port}")
-    finally:
-        server.stop()
-        import gcsfs
-
-        with contextlib.suppress(Exception):
-            gcsfs.GCSFileSystem.clear_instance_cache()
+def remote_step(run: Path, gcs_dir: epath.Path) -> epath.Path:
+    """The saved checkpoint copied into the bucket, with no manifest yet."""
+    remote = gcs_dir / str(STEP)
+    _upload(run / str(STEP), remote)
+    return remote
 
 
-def test_manifest_on_an_object_store(run: Path, bucket: epath.Path) -> None:
+def _rewrite(remote: epath.Path, relative: str, data: bytes) -> None:
+    fs, root = _store(remote)
+    fs.pipe_file(f"{root}/{relative}", data)
+
+
+def _requests(emulator: Emulator, call: Callable[[], object]) -> int:
+    emulator.reset_count()
+    call()
+    return emulator.request_count()
+
+
+def test_gcs_manifest_is_the_local_one_and_costs_a_listing_and_a_write(
+    run: Path, remote_step: epath.Path, gcs_bucket: Emulator
+) -> None:
     local = run / str(STEP)
-    remote = bucket / str(STEP)
-    for relative, path in _files(local).items():
-        (remote / relative).write_bytes(path.read_bytes())
-    manifest = write_manifest(remote)
-    assert manifest == write_manifest(local)
-    assert read_manifest(remote) == manifest
-    assert verify(remote).status == "ok"
+    objects = len(_files(local))
+    assert objects >= 15  # enough that a request per object would show
+    requests = _requests(gcs_bucket, lambda: write_manifest(remote_step))
+    assert requests <= 3, f"write_manifest made {requests} requests for {objects} objects"
+    # The very bytes of the local manifest: a run copied either way still verifies.
+    assert (remote_step / MANIFEST_FILE).read_bytes() == _manifest_bytes(local)
+    assert read_manifest(remote_step) == read_manifest(local)
+    for deep in (False, True):
+        requests = _requests(gcs_bucket, functools.partial(verify, remote_step, deep=deep))
+        assert requests <= 3, f"verify(deep={deep}) made {requests} requests"
+        check = verify(remote_step, deep=deep)
+        assert (check.status, check.problems, check.unlisted) == ("ok", (), ())
+        assert check.directory == os.fspath(remote_step)
 
-    data_file, offset = _kernel_file(local)
-    relative = data_file.relative_to(local).as_posix()
+
+def _manifest_bytes(local: Path) -> bytes:
+    write_manifest(local)
+    return (local / MANIFEST_FILE).read_bytes()
+
+
+def test_gcs_run_copied_to_disk_still_verifies(remote_step: epath.Path, tmp_path: Path) -> None:
+    write_manifest(remote_step)
+    fs, root = _store(remote_step)
+    copy = tmp_path / "copy"
+    for name in fs.find(root):
+        target = copy / name[len(root) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(fs.cat_file(name))
+    assert (copy / MANIFEST_FILE).exists()
+    check = verify(copy, deep=True)
+    assert (check.status, check.problems, check.unlisted) == ("ok", (), ())
+
+
+def test_gcs_deleted_object_is_missing(remote_step: epath.Path) -> None:
+    write_manifest(remote_step)
+    size = len((remote_step / "model" / "_METADATA").read_bytes())
+    (remote_step / "model" / "_METADATA").unlink()
+    for deep in (False, True):
+        check = verify(remote_step, deep=deep)
+        assert check.status == "mismatch"
+        assert check.problems == (f"model/_METADATA: missing (expected {size} bytes)",)
+
+
+def test_gcs_object_rewritten_with_same_size_is_caught_by_deep_verify_only(
+    run: Path, remote_step: epath.Path
+) -> None:
+    manifest = write_manifest(remote_step)
+    data_file, offset = _kernel_file(run / str(STEP))
+    relative = data_file.relative_to(run / str(STEP)).as_posix()
     damaged = bytearray(data_file.read_bytes())
-    damaged[offset] ^= 1
-    (remote / relative).write_bytes(bytes(damaged))
-    (remote / "model" / "_METADATA").unlink()
-    check = verify(remote)
+    damaged[offset + 100] ^= 1 << 3
+    _rewrite(remote_step, relative, bytes(damaged))
+
+    assert verify(remote_step, deep=False).status == "ok"
+    check = verify(remote_step, deep=True)
+    expected = next(e for e in manifest.entries if e.path == relative)
     assert check.status == "mismatch"
-    assert sorted(check.problems)[0].startswith("model/_METADATA: missing")
-    assert sorted(check.problems)[1].startswith(f"{relative}: checksum differs")
+    assert check.problems == (
+        f"{relative}: checksum differs: expected crc32c {expected.crc32c_hex}, "
+        f"found {google_crc32c.value(bytes(damaged)):08x}",
+    )
+
+
+def test_gcs_truncated_object_is_a_size_mismatch(remote_step: epath.Path) -> None:
+    write_manifest(remote_step)
+    metadata = remote_step / "model" / "_METADATA"
+    data = metadata.read_bytes()
+    _rewrite(remote_step, "model/_METADATA", data[: len(data) // 2])
+    for deep in (False, True):
+        check = verify(remote_step, deep=deep)
+        assert check.status == "mismatch"
+        assert check.problems == (
+            f"model/_METADATA: size differs: expected {len(data)} bytes, found {len(data) // 2}",
+        )
+
+
+def test_gcs_extra_object_is_listed_but_no_problem(remote_step: epath.Path) -> None:
+    write_manifest(remote_step)
+    _rewrite(remote_step, "model/notes.txt", b"added later")
+    check = verify(remote_step)
+    assert (check.status, check.unlisted) == ("ok", ("model/notes.txt",))
+
+
+def test_gcs_recorded_object_that_became_a_prefix_is_reported(remote_step: epath.Path) -> None:
+    write_manifest(remote_step)
+    (remote_step / "_CHECKPOINT_METADATA").unlink()
+    _rewrite(remote_step, "_CHECKPOINT_METADATA/inner", b"{}")
+    check = verify(remote_step, deep=False)
+    assert check.problems == ("_CHECKPOINT_METADATA: is a directory now, not a regular file",)
+
+
+def test_gcs_damaged_or_absent_manifest(remote_step: epath.Path, gcs_bucket: Emulator) -> None:
+    requests = _requests(gcs_bucket, lambda: verify(remote_step))
+    assert verify(remote_step).status == "unverified"
+    assert requests == 1  # the listing shows there is no manifest to read
+    assert read_manifest(remote_step) is None
+    write_manifest(remote_step)
+    text = (remote_step / MANIFEST_FILE).read_bytes()
+    _rewrite(remote_step, MANIFEST_FILE, text.replace(b'"size": ', b'"size": 1', 1))
+    check = verify(remote_step)
+    assert check.status == "mismatch"
+    assert "does not match its checksum" in check.problems[0]
+    with pytest.raises(DamagedManifestError, match=MANIFEST_FILE):
+        read_manifest(remote_step)
+
+
+def test_gcs_step_that_does_not_exist_is_refused(gcs_dir: epath.Path) -> None:
+    _rewrite(gcs_dir, "file", b"an object, not a prefix")
+    for missing in (gcs_dir / "does-not-exist", gcs_dir / "file"):
+        with pytest.raises(CheckpointNotFoundError, match=str(missing.name)):
+            verify(missing)
+        with pytest.raises(CheckpointNotFoundError, match=str(missing.name)):
+            write_manifest(missing)
+
+
+def test_object_listed_without_a_checksum_is_downloaded(remote_step: epath.Path) -> None:
+    """What happens on a store whose listing has no CRC-32C (S3): the bytes are read."""
+    fs, listed = _listing(remote_step)
+    stripped = {rel: _Listed(found.name, found.size, None) for rel, found in listed.items()}
+    assert all(found.crc32c is not None for found in listed.values())  # GCS lists them
+    for relative in listed:
+        entry = _listed_entry(fs, relative, stripped[relative])
+        assert entry == _listed_entry(fs, relative, listed[relative])
+    relative = "model/_METADATA"
+    recorded = _listed_entry(fs, relative, listed[relative])
+    data = bytearray(fs.cat_file(stripped[relative].name))
+    data[0] ^= 1
+    _rewrite(remote_step, relative, bytes(data))
+    problem = _listed_problem(fs, recorded, stripped[relative], set(), deep=True)
+    assert problem == (
+        f"{relative}: checksum differs: expected crc32c {recorded.crc32c_hex}, "
+        f"found {google_crc32c.value(bytes(data)):08x}"
+    )
+    assert _listed_problem(fs, recorded, stripped[relative], set(), deep=False) is None
