@@ -9,7 +9,15 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import bench_callback, bench_open, bench_restore, bench_save, bench_training
+from benchmarks import (
+    bench_callback,
+    bench_manifest,
+    bench_open,
+    bench_requests,
+    bench_restore,
+    bench_save,
+    bench_training,
+)
 from benchmarks.report import RESULTS, Figure, show, write
 
 Bench = Callable[[argparse.Namespace], list[Figure]]
@@ -19,6 +27,8 @@ BENCHES: dict[str, Bench] = {
     "B4": bench_training.run,
     "B5": bench_open.run,
     "B6": bench_restore.run,
+    "B7": bench_requests.bench,
+    "B8": bench_manifest.figures,
 }
 ALIASES = {"B3": "B2"}
 # Sizes of the full run, and of --quick (under 2 minutes on 2 cores).

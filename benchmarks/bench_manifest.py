@@ -1,4 +1,4 @@
-"""B7: what a manifest costs, against the Orbax save and restore of the same checkpoint.
+"""B8: what a manifest costs, against the Orbax save and restore of the same checkpoint.
 
 Checksum throughput is measured for both candidates, CRC-32C (`google_crc32c`, the one
 `artifex_ckpt.manifest` uses) and `zlib.crc32`: over bytes already in memory (the
@@ -123,7 +123,7 @@ def _verify(step_dir: Path, deep: bool) -> Callable[[], ManifestCheck]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    """Measure B7; a dict of throughputs (MB/s), median seconds and paired ratios."""
+    """Measure B8; a dict of throughputs (MB/s), median seconds and paired ratios."""
     state_mib, trials = SIZES[quick]
     model, optimizer = model_and_optimizer(state_mib)
     with scratch("manifest") as root:
@@ -195,7 +195,7 @@ def _spread_dict(spread: Spread) -> dict[str, Any]:
 
 
 def figures(args: argparse.Namespace) -> list[Figure]:
-    """B7 as figures for `python -m benchmarks` (sizes from `--quick` only)."""
+    """B8 as figures for `python -m benchmarks` (sizes from `--quick` only)."""
     result = run(args.quick)
     notes = {
         "manifest write / save": "crc32c of every file once committed",
@@ -206,7 +206,7 @@ def figures(args: argparse.Namespace) -> list[Figure]:
     }
     extra = {"throughput_mb_s": result["throughput_mb_s"], "bytes": result["checkpoint_bytes"]}
     return [
-        Figure("B7", name, Spread.of(values["values"]), note=notes[name], extra=extra)
+        Figure("B8", name, Spread.of(values["values"]), note=notes[name], extra=extra)
         for name, values in result["ratios"].items()
     ]
 
