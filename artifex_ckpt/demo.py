@@ -3,6 +3,10 @@
 Everything is made in code (nothing is downloaded): points on a curved 2-D manifold
 embedded in 16 dimensions. The reparameterisation noise is part of each batch, so
 validation loss is deterministic and a restored checkpoint reproduces its score.
+
+The run directory explains itself afterwards: `artifex_history.jsonl` holds every decision
+(`artifex-ckpt log DIR`), and the demo draws it into `DIR/curve.png` (what
+`artifex-ckpt plot DIR -o curve.png` draws), when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from rich.console import Console
 
@@ -28,10 +33,16 @@ from artifex_ckpt.callbacks import (
 )
 from artifex_ckpt.checkpointing import load_checkpoint
 from artifex_ckpt.config import CheckpointConfig
+from artifex_ckpt.history import DecisionHistory
+from artifex_ckpt.plot import PlotDependencyError, plot_history
 from artifex_ckpt.table import checkpoint_table
 from artifex_ckpt.trainer import Trainer
 
-__all__ = ["VAE", "DemoResult", "run_demo", "synthetic_batches", "vae_loss"]
+__all__ = ["CURVE_FILE", "VAE", "DemoResult", "run_demo", "synthetic_batches", "vae_loss"]
+
+CURVE_FILE = "curve.png"
+"""The picture of the run's decision history that the demo writes into its run directory."""
+MONITOR = "val_loss"
 
 DATA_DIM, LATENT_DIM, HIDDEN = 16, 2, 64
 Batch = Mapping[str, Any]
@@ -78,13 +89,15 @@ def synthetic_batches(n_batches: int, batch_size: int, seed: int) -> list[dict[s
 
 @dataclass(frozen=True)
 class DemoResult:
-    """What the demo did: where, how far, and whether the restored best matched."""
+    """What the demo did: where, how far, whether the restored best matched, and the
+    picture of its decision history (None when matplotlib is not installed)."""
 
     directory: str
     epochs_run: int
     best_path: str | None
     best_score: float | None
     restored_val_loss: float | None
+    curve: str | None = None
 
     @property
     def matches(self) -> bool:
@@ -107,18 +120,31 @@ def run_demo(
     console: Console | None = None,
     progress: bool = True,
 ) -> DemoResult:
-    """Train the VAE with checkpointing, early stopping and a progress bar, then
-    restore the best checkpoint into a fresh model and recompute its validation loss."""
+    """Train the VAE with checkpointing, early stopping and a progress bar, restore the
+    best checkpoint into a fresh model and recompute its validation loss, then draw the
+    run's decision history into `directory / CURVE_FILE`.
+
+    Example:
+        ```python
+        result = run_demo("/tmp/vae-run", epochs=3, progress=False)
+        assert result.matches and result.curve is not None
+        ```
+    """
     console = console or Console()
     train, val = synthetic_batches(32, 64, seed=0), synthetic_batches(8, 64, seed=1)
     model = VAE(nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax.adam(2e-3), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.Param)
     checkpoint = ModelCheckpoint(
-        CheckpointConfig(dirpath=directory, filename="vae-{epoch:02d}-{val_loss:.4f}", save_top_k=3)
+        CheckpointConfig(
+            dirpath=directory,
+            filename="vae-{epoch:02d}-{val_loss:.4f}",
+            monitor=MONITOR,
+            save_top_k=3,
+        )
     )
     callbacks = [
         checkpoint,
-        EarlyStopping(EarlyStoppingConfig(monitor="val_loss", patience=5, min_delta=1e-4)),
+        EarlyStopping(EarlyStoppingConfig(monitor=MONITOR, patience=5, min_delta=1e-4)),
         ProgressBarCallback(ProgressBarConfig(disable=not progress), console=console),
     ]
     trainer = Trainer(model, optimizer, vae_loss, train, val, epochs=epochs)
@@ -130,14 +156,16 @@ def run_demo(
         fresh = VAE(nnx.Rngs(42))
         load_checkpoint(checkpoint.manager, fresh, "best")
         restored_loss = _mean_loss(fresh, val)
+    run = checkpoint.manager.directory
     result = DemoResult(
-        directory=str(checkpoint.manager.directory),
+        directory=str(run),
         epochs_run=trainer.epoch + 1,
         best_path=None
         if checkpoint.best_checkpoint_path is None
         else str(checkpoint.best_checkpoint_path),
         best_score=checkpoint.best_score,
         restored_val_loss=restored_loss,
+        curve=_draw_curve(run, console),
     )
     console.print(f"best checkpoint: {result.best_path}")
     console.print(
@@ -146,5 +174,22 @@ def run_demo(
         if result.best_score is not None and result.restored_val_loss is not None
         else "no checkpoint with a finite val_loss to restore"
     )
+    if result.curve is not None:
+        console.print(
+            f"decision history: artifex-ckpt log {run}; drawn in {result.curve}", markup=False
+        )
     checkpoint.manager.close()
     return result
+
+
+def _draw_curve(run: epath.Path, console: Console) -> str | None:
+    """Draw the run's history into `run / CURVE_FILE`; None (and a hint) without matplotlib."""
+    # The writer closed at the end of training, so every decision is in the file.
+    decisions = DecisionHistory(run).read()
+    curve = run / CURVE_FILE
+    try:
+        plot_history(decisions, MONITOR, "min", curve, unit="epoch")
+    except PlotDependencyError as err:
+        console.print(f"no picture of the run: {err}", markup=False)
+        return None
+    return str(curve)

@@ -7,12 +7,15 @@ reading it never fails and a failed write only warns.
 | kind | `name` | `score` | `details` |
 |---|---|---|---|
 | `evaluated` | would-be name or None | monitored value | `eligible` (bool) |
-| `saved` | directory name | monitored value | `rank` (1 = best, None if unranked), `k` |
-| `not_saved` | would-be name or None | monitored value | `k`, `kth` (the k-th best score) |
+| `saved` | directory name | monitored value | `rank` (1 = best, or None), `k`, [`threshold`] |
+| `not_saved` | would-be name or None | monitored value | `k`, `kth` (k-th best), [`threshold`] |
 | `evicted` | evicted directory | its value | `by`, `by_step`, `by_score` (the newer one) |
 | `skipped_corrupt` | directory | its value or None | `by` (who restored), `error` |
 | `restored` | directory | its value or None | `by`: "resume", "load best", "load latest", ... |
 | `quarantined` | directory | its value or None | `to` (where it went), `reason` |
+
+`threshold` is present only when the value did not beat the run's `initial_value_threshold`:
+such a checkpoint does not compete for the top k (a saved one is kept only as the newest).
 
 NaN and infinities are written as the strings `"nan"`, `"inf"` and `"-inf"`, so every
 line is standard JSON.
@@ -74,7 +77,7 @@ Kind = Literal[
 ]
 KINDS: frozenset[str] = frozenset(get_args(Kind))
 # Detail keys holding scores: non-finite values are written as strings and read back.
-_FLOAT_DETAILS = frozenset(("kth", "by_score"))
+_FLOAT_DETAILS = frozenset(("kth", "by_score", "threshold"))
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _Scalar = str | int | float | bool | None
 
@@ -155,10 +158,14 @@ class Decision:
         *,
         rank: int | None,
         k: int,
+        threshold: float | None = None,
         at: float | None = None,
     ) -> Decision:
-        """`name` was written; `rank` among the retained (1 = best) of the top `k`."""
-        return cls._make("saved", step, name, score, at, rank=rank, k=k)
+        """`name` was written; `rank` among the retained (1 = best) of the top `k`. A
+        `threshold` is the `initial_value_threshold` that `score` did not beat: the
+        checkpoint does not compete (it is kept only as the newest), so it has no rank."""
+        extra = {} if threshold is None else {"threshold": threshold}
+        return cls._make("saved", step, name, score, at, rank=rank, k=k, **extra)
 
     @classmethod
     def not_saved(
@@ -168,11 +175,14 @@ class Decision:
         *,
         k: int,
         kth: float | None,
+        threshold: float | None = None,
         name: str | None = None,
         at: float | None = None,
     ) -> Decision:
-        """`score` would not enter the top `k`, whose k-th best is `kth`."""
-        return cls._make("not_saved", step, name, score, at, k=k, kth=kth)
+        """`score` would not enter the top `k`, whose k-th best is `kth`; or, with a
+        `threshold`, it did not beat that `initial_value_threshold`."""
+        extra = {} if threshold is None else {"threshold": threshold}
+        return cls._make("not_saved", step, name, score, at, k=k, kth=kth, **extra)
 
     @classmethod
     def evicted(
@@ -522,12 +532,21 @@ def _sentence(decision: Decision, name: str, monitor: str) -> str:
     details = decision.details
     match decision.kind:
         case "evicted" if decision.name != name:
-            return f"the evictor, {at}, of {decision.name} ({value})"
+            # The decision's step is the evicted checkpoint's; the evictor's is `by_step`.
+            when = (
+                f"at {_clock(decision.time, '%Y-%m-%d %H:%M:%S')} (step {details.get('by_step')})"
+            )
+            return f"the evictor, {when}, of {decision.name} ({value})"
         case "evicted":
             by_value = f"{monitor} {_number(_float(details.get('by_score')))}"
             return f"evicted {at} by {details.get('by')} ({by_value})"
         case "saved":
-            return f"saved {at} with {value} ({_rank(details)})"
+            return f"saved {at} with {value} ({_rank(decision)})"
+        case "not_saved" if "threshold" in details:
+            return (
+                f"not saved {at}: {value} does not beat initial_value_threshold "
+                f"{_number(_float(details.get('threshold')))}"
+            )
         case "not_saved":
             return (
                 f"not saved {at}: {value} would not enter the top {details.get('k')} "
@@ -547,7 +566,9 @@ def _details(decision: Decision, monitor: str) -> str:
     details = decision.details
     match decision.kind:
         case "saved":
-            return _rank(details)
+            return _rank(decision)
+        case "not_saved" if "threshold" in details:
+            return f"does not beat initial_value_threshold {_number(_float(details['threshold']))}"
         case "not_saved":
             return f"top {details.get('k')} full; k-th best {_number(_float(details.get('kth')))}"
         case "evicted":
@@ -563,11 +584,23 @@ def _details(decision: Decision, monitor: str) -> str:
             return f"to {details.get('to')}: {details.get('reason')}"
 
 
-def _rank(details: Mapping[str, _Scalar]) -> str:
+def _rank(decision: Decision) -> str:
+    details = decision.details
     rank, k = details.get("rank"), details.get("k")
+    if "threshold" in details:
+        return (
+            f"does not beat initial_value_threshold {_number(_float(details['threshold']))}: "
+            "unranked, kept as the newest"
+        )
+    if decision.score is None:
+        return "unscored: never the best, never evicted by rank"
     if rank is None:
         return "unranked"
-    return f"rank {rank}, all kept" if k == -1 else f"rank {rank} of {k}"
+    if k == -1:
+        return f"rank {rank}, all kept"
+    if isinstance(rank, int) and isinstance(k, int) and rank > k:
+        return f"rank {rank}, outside the top {k}: kept as the newest"
+    return f"rank {rank} of {k}"
 
 
 def _newest_lines(data: bytes, budget: int) -> bytes:

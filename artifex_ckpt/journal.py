@@ -5,7 +5,9 @@ hundred nanoseconds; the slow parts wait for the housekeeper, which runs `flush`
 save has committed: a manifest of sizes and checksums is written into the new checkpoint,
 and the saved, evicted and not-saved decisions are appended to the run's history. A save that
 failed has no committed directory, so it gets neither (its error is raised by
-`wait_until_finished`).
+`wait_until_finished`). Each decision carries the time it was taken, not the time it was
+written, so the history reads in the order of the run even though a save is recorded only
+after it commits.
 
 Example:
     ```python
@@ -20,36 +22,53 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from etils import epath
 from orbax.checkpoint.path import step as step_lib
 
 from artifex_ckpt.history import Decision, DecisionHistory
 from artifex_ckpt.manifest import write_manifest
+from artifex_ckpt.validation import Mode
 
 __all__ = ["Committing", "Journal"]
 
 
 @dataclass(frozen=True)
 class Committing:
-    """A save in flight: its step, directory, score and rank, and the steps it evicts
-    as (step, name, score)."""
+    """A save in flight: its step, directory, score and rank, the steps it evicts as
+    (step, name, score), and when it was started (unix seconds)."""
 
     step: int
     path: epath.Path
     score: float | None
     rank: int | None
     evicted: tuple[tuple[int, str, float | None], ...] = ()
+    at: float = field(default_factory=time.time)
 
 
 class Journal:
-    """Manifests and decision history of one writer; thread-safe."""
+    """Manifests and decision history of one writer; thread-safe.
 
-    def __init__(self, history: DecisionHistory, *, k: int, manifests: bool = True) -> None:
+    With an `initial_value_threshold` (and the ranking's `mode`), a score that does not beat
+    it is recorded as such: a declined checkpoint names the threshold rather than the k-th
+    best, and a saved one (kept only as the newest) has no rank.
+    """
+
+    def __init__(
+        self,
+        history: DecisionHistory,
+        *,
+        k: int,
+        manifests: bool = True,
+        initial_value_threshold: float | None = None,
+        mode: Mode = "min",
+    ) -> None:
         self.history = history
         self.k = k
         self.manifests = manifests
+        self.initial_value_threshold = initial_value_threshold
+        self.mode = mode
         self._lock = threading.Lock()
         self._committing: list[Committing] = []
         self._declined: list[tuple[int, float | None, float | None, float]] = []
@@ -78,7 +97,9 @@ class Journal:
             declined, self._declined = self._declined, []
             decisions, self._decisions = self._decisions, []
         out = [
-            Decision.not_saved(step, score, k=self.k, kth=kth, at=at)
+            Decision.not_saved(
+                step, score, k=self.k, kth=kth, threshold=self._failed_threshold(score), at=at
+            )
             for step, score, kth, at in declined
         ]
         for entry in committing:
@@ -86,12 +107,27 @@ class Journal:
                 continue
             if self.manifests:
                 write_manifest(entry.path)
+            below = self._failed_threshold(entry.score)
             out.append(
-                Decision.saved(entry.step, entry.path.name, entry.score, rank=entry.rank, k=self.k)
+                Decision.saved(
+                    entry.step,
+                    entry.path.name,
+                    entry.score,
+                    rank=None if below is not None else entry.rank,
+                    k=self.k,
+                    threshold=below,
+                    at=entry.at,
+                )
             )
             out.extend(
                 Decision.evicted(
-                    step, name, score, by=entry.path.name, by_step=entry.step, by_score=entry.score
+                    step,
+                    name,
+                    score,
+                    by=entry.path.name,
+                    by_step=entry.step,
+                    by_score=entry.score,
+                    at=entry.at,
                 )
                 for step, name, score in entry.evicted
             )
@@ -99,6 +135,14 @@ class Journal:
         for decision in sorted(out, key=lambda d: d.time):
             self.history.append(decision)
         self.history.flush()
+
+    def _failed_threshold(self, score: float | None) -> float | None:
+        """The threshold `score` does not beat (Keras: not considered at all), else None."""
+        threshold = self.initial_value_threshold
+        if threshold is None or score is None:
+            return None
+        beats = score < threshold if self.mode == "min" else score > threshold
+        return None if beats else threshold
 
 
 def _committed(entry: Committing) -> bool:

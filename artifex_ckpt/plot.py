@@ -20,7 +20,14 @@ from artifex_ckpt.errors import CheckpointError, ConfigError
 from artifex_ckpt.history import Decision
 from artifex_ckpt.validation import require_mode, require_monitor
 
-__all__ = ["PlotData", "PlotDependencyError", "Series", "plot_data", "plot_history"]
+__all__ = [
+    "PlotData",
+    "PlotDependencyError",
+    "Series",
+    "draw_history",
+    "plot_data",
+    "plot_history",
+]
 
 INSTALL_HINT = "pip install 'artifex-ckpt[plot]'"
 # Kinds whose score is the metric's value at that step.
@@ -66,7 +73,9 @@ class PlotData:
             recorded winning.
         retained: Saved checkpoints that were not later evicted or quarantined.
         evicted: Checkpoints evicted by retention, at their own score.
-        best: The best retained checkpoint (ties: the older), or no point.
+        best: The best retained checkpoint (ties: the older) among those that beat the
+            run's `initial_value_threshold`, or no point.
+        unit: What numbers the checkpoints, on the x axis ("step" or "epoch").
     """
 
     monitor: str
@@ -75,9 +84,12 @@ class PlotData:
     retained: Series
     evicted: Series
     best: Series
+    unit: str = "step"
 
 
-def plot_data(decisions: Iterable[Decision], monitor: str, mode: str) -> PlotData:
+def plot_data(
+    decisions: Iterable[Decision], monitor: str, mode: str, *, unit: str = "step"
+) -> PlotData:
     """The series `plot_history` draws from `decisions` (in history order), without drawing.
 
     Example:
@@ -88,10 +100,14 @@ def plot_data(decisions: Iterable[Decision], monitor: str, mode: str) -> PlotDat
     """
     require_monitor(monitor)
     require_mode(mode)
+    if not isinstance(unit, str) or not unit:
+        raise ConfigError(f"unit={unit!r} is not accepted; use a label such as 'step' or 'epoch'")
     values: dict[int, float] = {}
     saved: dict[int, float] = {}
     evicted: dict[int, float] = {}
     gone: set[int] = set()
+    # Saved without beating initial_value_threshold: kept as the newest, never the best.
+    outside: set[int] = set()
     for decision in decisions:
         raw = decision.score
         score = raw if raw is not None and math.isfinite(raw) else None
@@ -101,22 +117,27 @@ def plot_data(decisions: Iterable[Decision], monitor: str, mode: str) -> PlotDat
             # A step saved again (after a restart) is in the run again.
             gone.discard(decision.step)
             saved.pop(decision.step, None)
+            outside.discard(decision.step)
             if score is not None:
                 saved[decision.step] = score
+            if "threshold" in decision.details:
+                outside.add(decision.step)
         if decision.kind in _GONE_KINDS:
             gone.add(decision.step)
             if decision.kind == "evicted" and score is not None:
                 evicted[decision.step] = score
     retained = {step: value for step, value in saved.items() if step not in gone}
     best: dict[int, float] = {}
-    if retained:
+    competing = [step for step in retained if step not in outside]
+    if competing:
         # Better score first, then the older checkpoint, as the manager ranks them.
         sign = 1.0 if mode == "min" else -1.0
-        step = min(retained, key=lambda s: (sign * retained[s], s))
+        step = min(competing, key=lambda s: (sign * retained[s], s))
         best = {step: retained[step]}
     return PlotData(
         monitor=monitor,
         mode=mode,
+        unit=unit,
         points=_series(values),
         retained=_series(retained),
         evicted=_series(evicted),
@@ -132,11 +153,13 @@ def plot_history(
     *,
     size: tuple[float, float] = (8, 5),
     dpi: int = 100,
+    unit: str = "step",
 ) -> PlotData:
     """Draw `monitor` over steps from a decision history into the PNG file `output`.
 
     Every value seen is a point; retained checkpoints are ringed, evicted ones crossed
-    out, the best starred. The image is `size` inches times `dpi` pixels per inch.
+    out, the best starred. The image is `size` inches times `dpi` pixels per inch; the x
+    axis is labelled `unit` (the run's counter: "step", or "epoch" for an epoch cadence).
     Raises `PlotDependencyError` naming `pip install 'artifex-ckpt[plot]'` when
     matplotlib is missing.
 
@@ -147,7 +170,7 @@ def plot_history(
         ```
     """
     _require_size(size, dpi)
-    data = plot_data(decisions, monitor, mode)
+    data = plot_data(decisions, monitor, mode, unit=unit)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -158,7 +181,7 @@ def plot_history(
         ) from err
     figure = Figure(figsize=size, dpi=dpi)
     FigureCanvasAgg(figure)
-    _draw(figure.add_subplot(), data)
+    draw_history(figure.add_subplot(), data)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     path = epath.Path(output)
@@ -172,12 +195,28 @@ def plot_history(
     return data
 
 
-def _draw(axes: Any, data: PlotData) -> None:
+def draw_history(axes: Any, data: PlotData) -> None:
+    """Draw `data` (from `plot_data`) on matplotlib `axes`: to put the history in a figure
+    of your own, such as a notebook's.
+
+    Example:
+        ```python
+        from matplotlib.figure import Figure
+
+        figure = Figure()
+        data = plot_data(DecisionHistory("/tmp/run").read(), "val_loss", "min")
+        draw_history(figure.add_subplot(), data)
+        ```
+    """
     best = (
-        f"; best {data.best.values[0]:.6g} at step {data.best.steps[0]}" if data.best.steps else ""
+        f"; best {data.best.values[0]:.6g} at {data.unit} {data.best.steps[0]}"
+        if data.best.steps
+        else ""
     )
     axes.set_title(f"{data.monitor} ({data.mode}){best}")
-    axes.set_xlabel("step")
+    axes.set_xlabel(data.unit)
+    # Checkpoints are numbered by integers; a tick at 2.5 would name no checkpoint.
+    axes.xaxis.get_major_locator().set_params(integer=True)
     axes.set_ylabel(data.monitor)
     axes.grid(True, alpha=0.3)
     if not data.points.steps and not data.evicted.steps:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import io
 import math
+import pickle
 from typing import Any
 
 import pytest
@@ -17,13 +20,22 @@ from artifex_ckpt import (
     ProgressBarCallback,
     ProgressBarConfig,
 )
+from artifex_ckpt.trainer import Trainer
 from tests.test_callbacks import ScriptedMetric
 from tests.training import make_trainer
 
 
+@functools.cache
+def _trainer() -> Trainer:
+    """One trainer for the scripted runs, so its steps compile once: the scripted
+    metric, not the model, decides when to stop."""
+    return make_trainer(n_train=1)
+
+
 def _run(values: list[float], **config: Any) -> tuple[EarlyStopping, int]:
     stopper = EarlyStopping(EarlyStoppingConfig(**config))
-    trainer = make_trainer(epochs=len(values), n_train=1)
+    trainer = _trainer()
+    trainer.epochs = len(values)
     monitor = config.get("monitor", "val_loss")
     trainer.fit(callbacks=[ScriptedMetric(monitor, values), stopper])
     return stopper, trainer.epoch
@@ -101,3 +113,25 @@ def test_disabled_progress_bar_writes_nothing() -> None:
     bar = ProgressBarCallback(ProgressBarConfig(disable=True), console=console)
     make_trainer(epochs=1).fit(callbacks=[bar])
     assert buffer.getvalue() == ""
+
+
+def test_progress_bar_copies_share_the_console_and_pickles_leave_it() -> None:
+    console, buffer = _console()
+    bar = ProgressBarCallback(ProgressBarConfig(show_eta=False), console=console)
+    for twin in (copy.copy(bar), copy.deepcopy(bar)):
+        assert twin is not bar and twin.config == bar.config and twin.console is console
+    unpickled = pickle.loads(pickle.dumps(bar))
+    assert unpickled.config == bar.config and unpickled.console is None
+    twin = copy.deepcopy(bar)
+    make_trainer(epochs=1, n_train=3).fit(callbacks=[twin])
+    assert "3/3" in buffer.getvalue()
+
+
+def test_early_stopping_copies_count_on_their_own() -> None:
+    stopper = EarlyStopping(EarlyStoppingConfig(patience=1))
+    for twin in (copy.deepcopy(stopper), pickle.loads(pickle.dumps(stopper))):
+        trainer = _trainer()
+        trainer.epochs = 4
+        trainer.fit(callbacks=[ScriptedMetric("val_loss", [0.5, 0.6, 0.4, 0.3]), twin])
+        assert (twin.stopped_epoch, twin.best_score) == (1, 0.5)
+    assert stopper.stopped_epoch is None and stopper.best_score is None

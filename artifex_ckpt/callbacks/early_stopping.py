@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from artifex_ckpt.agreement import primary_value
 from artifex_ckpt.callbacks.base import BaseCallback, Logs, TrainerLike
 from artifex_ckpt.errors import ConfigError, MetricError
 from artifex_ckpt.metrics import to_float
@@ -75,7 +76,9 @@ class EarlyStopping(BaseCallback):
             raise MetricError(
                 f"EarlyStopping: monitored metric {monitor!r} is missing; logs have: {sorted(logs)}"
             )
-        reason = self._reason_to_stop(to_float(monitor, logs[monitor]))
+        # Every host must stop at the same epoch: process 0's value decides for all.
+        value = primary_value(to_float(monitor, logs[monitor]), primary_host=0)
+        reason = self._reason_to_stop(value)
         if reason is not None:
             self.stopped_epoch = epoch
             self.stop_reason = reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,11 @@ class ProgressBarConfig:
 class ProgressBarCallback(BaseCallback):
     """An epoch bar and a batch bar (total = the trainer's `num_batches`).
 
+    Before training it can be copied and pickled like its config. A copy (`copy.copy`,
+    `copy.deepcopy`) writes to the same console, which is an output like a file; an
+    unpickled one, in another process, writes to rich's default console (the terminal).
+    Bars being drawn are never copied: a copy starts its own when its training begins.
+
     Example:
         ```python
         trainer.fit(callbacks=[ProgressBarCallback(ProgressBarConfig(show_eta=False))])
@@ -56,13 +62,28 @@ class ProgressBarCallback(BaseCallback):
 
     __slots__ = ("_batch_task", "_epoch_task", "_last_refresh", "_progress", "config", "console")
 
-    def __init__(self, config: ProgressBarConfig | None = None, console: Console | None = None):
+    def __init__(
+        self, config: ProgressBarConfig | None = None, console: Console | None = None
+    ) -> None:
         self.config = config or ProgressBarConfig()
         self.console = console
         self._progress: Progress | None = None
         self._epoch_task: TaskID | None = None
         self._batch_task: TaskID | None = None
         self._last_refresh = 0.0
+
+    def __copy__(self) -> ProgressBarCallback:
+        return ProgressBarCallback(self.config, console=self.console)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ProgressBarCallback:
+        return ProgressBarCallback(copy.deepcopy(self.config, memo), console=self.console)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A console holds locks and its output stream; neither crosses a process boundary.
+        return {"config": self.config}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["config"])  # type: ignore[misc]
 
     def on_train_begin(self, trainer: TrainerLike) -> None:
         if self.config.disable:
