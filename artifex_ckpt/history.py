@@ -33,6 +33,7 @@ import datetime
 import json
 import math
 import os
+import stat
 import threading
 import types
 import warnings
@@ -387,6 +388,7 @@ class DecisionHistory:
         Damaged or truncated lines are skipped; an absent or unreadable history is [].
         """
         try:
+            _require_regular(self.path, local=self._local)
             data = self.path.read_bytes()
         except Exception:  # never needed to restore: any failure to read is an empty history
             data = b""
@@ -417,6 +419,7 @@ class DecisionHistory:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             return 0
+        _require_regular(self.path, local=True)
         size = self.path.stat().length
         if size:
             with self.path.open("rb") as existing:
@@ -601,6 +604,19 @@ def _rank(decision: Decision) -> str:
     if isinstance(rank, int) and isinstance(k, int) and rank > k:
         return f"rank {rank}, outside the top {k}: kept as the newest"
     return f"rank {rank} of {k}"
+
+
+def _require_regular(path: epath.Path, *, local: bool) -> None:
+    """Raise OSError if a local `path` exists but is not a regular file: opening a FIFO
+    would block forever."""
+    if not local:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise OSError(f"{path} is not a regular file")
 
 
 def _newest_lines(data: bytes, budget: int) -> bytes:
