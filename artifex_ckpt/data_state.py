@@ -7,6 +7,8 @@ Two kinds of data are covered:
   handler, which writes `process_<i>-of-<n>.json` per process, so every host of a
   multi-host run gets its own shard's position back. The state is read when
   `save` is called, so batches drawn while the save commits are not counted.
+  A `grain.DataLoader` or `grain.IterDataset` is a source of such iterators
+  (`is_grain_source`); `Trainer` iterates it once and treats it as that stream.
 - deterministic batches (a `Sequence`, or `epoch -> batches` yielding the same
   batches again) need no item: the number of batches consumed in the epoch,
   stored with the trainer state, is skipped on resume with `skip_batches`.
@@ -34,6 +36,7 @@ __all__ = [
     "data_save_args",
     "has_data_state",
     "is_grain_iterator",
+    "is_grain_source",
     "skip_batches",
 ]
 
@@ -62,6 +65,33 @@ def is_grain_iterator(obj: object) -> bool:
     kinds = tuple(
         kind
         for name in ("DatasetIterator", "DataLoaderIterator")
+        if isinstance(kind := getattr(grain, name, None), type)
+    )
+    return bool(kinds) and isinstance(obj, kinds)
+
+
+def is_grain_source(obj: object) -> bool:
+    """Whether `obj` is a `grain.DataLoader` or `grain.IterDataset`: not an iterator itself,
+    but `iter(obj)` gives one whose position can be checkpointed.
+
+    A `grain.MapDataset` is not: it is indexed, and iterating it again starts over.
+    Returns False, without importing grain, when grain was never imported.
+
+    Example:
+        ```python
+        import grain
+
+        dataset = grain.MapDataset.range(8).to_iter_dataset()
+        assert is_grain_source(dataset) and is_grain_iterator(iter(dataset))
+        assert not is_grain_source(grain.MapDataset.range(8))
+        ```
+    """
+    grain = sys.modules.get("grain")
+    if grain is None:
+        return False
+    kinds = tuple(
+        kind
+        for name in ("DataLoader", "IterDataset")
         if isinstance(kind := getattr(grain, name, None), type)
     )
     return bool(kinds) and isinstance(obj, kinds)

@@ -63,7 +63,17 @@ class TrainingPreempted(Exception):
         super().__init__(step, signal_name, checkpoint)
         self.step = step
         self.signal_name = signal_name
-        self.checkpoint = checkpoint
+
+    @property
+    def checkpoint(self) -> epath.Path | None:
+        """The checkpoint that holds the state at `step`; None until one is known."""
+        checkpoint: epath.Path | None = self.args[2]
+        return checkpoint
+
+    @checkpoint.setter
+    def checkpoint(self, path: epath.Path | None) -> None:
+        # Set by the callback that saved it; kept in `args` so that a pickled copy has it.
+        self.args = (self.step, self.signal_name, path)
 
     def __str__(self) -> str:
         saved = (

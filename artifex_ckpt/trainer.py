@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -11,12 +12,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from artifex_ckpt.callbacks.base import BaseCallback, CallbackList, Resumable, ResumeFrom
-from artifex_ckpt.data_state import skip_batches
+from artifex_ckpt.data_state import is_grain_source, skip_batches
 from artifex_ckpt.errors import ConfigError
 from artifex_ckpt.preemption import PreemptionGuard, TrainingPreempted
 from artifex_ckpt.validation import require_bool, require_int
 
 __all__ = ["LossFn", "Trainer"]
+
+logger = logging.getLogger("artifex_ckpt")
 
 # loss_fn(model, batch) -> loss, or (loss, {"name": metric, ...})
 LossFn = Callable[[Any, Any], jax.Array | tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -36,10 +39,18 @@ class Trainer:
     - an `epoch -> batches` callable;
     - an iterator (a grain `DatasetIterator` or `DataLoader` iterator, or any other), one
       stream for the whole run: each epoch takes `steps_per_epoch` batches from it (all that
-      is left, if None). A grain iterator's position is checkpointed with the model.
+      is left, if None). A `grain.DataLoader` or `grain.IterDataset` is iterated once and
+      is such a stream too. A grain iterator's position is checkpointed with the model; any
+      other iterator starts over when a run resumes in a new process.
 
     During `fit`, the first SIGTERM (and the first SIGINT with `catch_sigint=True`) lets
     the current step finish, has the callbacks save it, and raises `TrainingPreempted`.
+    A signal that arrives during validation stops the run at that epoch's end. The handler
+    is installed when `fit` starts and removed when it returns or raises.
+
+    `epoch_totals` holds the sums of the step metrics over the epoch so far (its
+    `batches_done` batches). A checkpoint taken mid-epoch stores them, so that a resumed
+    epoch's averages cover all its batches.
 
     Example:
         ```python
@@ -86,8 +97,10 @@ class Trainer:
         self.epoch = -1
         self.initial_epoch = 0
         self.batches_done = 0
+        self.epoch_totals: dict[str, jax.Array] = {}
         self.stop_training = False
         self._skip = 0
+        self._stream: Iterator[Any] | None = None
         self._train_step = nnx.jit(_make_train_step(loss_fn))
         self._eval_step = nnx.jit(_make_eval_step(loss_fn))
 
@@ -100,9 +113,14 @@ class Trainer:
     @property
     def data_iterator(self) -> Iterator[Any] | None:
         """The training data when it is one stream (an iterator) whose position a callback
-        may checkpoint; None for re-iterable data."""
+        may checkpoint; None for re-iterable data. A grain `DataLoader` or `IterDataset` is
+        iterated on first use, and that iterator is the stream from then on."""
         data = self.train_data
-        return data if isinstance(data, Iterator) else None
+        if isinstance(data, Iterator):
+            return data
+        if self._stream is None and is_grain_source(data):
+            self._stream = iter(data)  # type: ignore[arg-type]
+        return self._stream
 
     def fit(
         self,
@@ -117,6 +135,9 @@ class Trainer:
         that checkpoint directory (another run's too: fine-tuning). Model, optimizer, epoch,
         global step and the data position are restored; a checkpoint saved mid-epoch
         continues with the next batch of that epoch.
+
+        Whatever raises (resuming, a hook, a step) reaches every callback's `on_exception`
+        first; an error raised there is added to the original as a note, never replacing it.
         """
         hooks = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         self.stop_training = False
@@ -124,36 +145,61 @@ class Trainer:
             "latest" if resume is True else None if resume is False else resume
         )
         self._skip = 0
-        guard = PreemptionGuard(sigint=self.catch_sigint)
-        try:
-            self.initial_epoch = 0 if source is None else self._resume(hooks, source, resume)
-            hooks.on_train_begin(self)
-            with guard:
-                for epoch in range(self.initial_epoch, self.epochs):
-                    self.epoch = epoch
-                    hooks.on_epoch_begin(self, epoch)
-                    logs = self._train_epoch(hooks, epoch, guard)
-                    if self.val_data is not None:
-                        hooks.on_validation_begin(self)
-                        val_logs = self._evaluate()
-                        hooks.on_validation_end(self, val_logs)
-                        logs.update(val_logs)
-                    hooks.on_epoch_end(self, epoch, logs)
-                    if self.stop_training:
-                        break
-        except BaseException as error:
-            hooks.on_exception(self, error)
-            raise
-        hooks.on_train_end(self)
+        # Installed before resuming (which can take long), so an early SIGTERM stops the
+        # run after its first step instead of killing the process.
+        with PreemptionGuard(sigint=self.catch_sigint) as guard:
+            try:
+                self.initial_epoch = 0 if source is None else self._resume(hooks, source, resume)
+                hooks.on_train_begin(self)
+                self._run_epochs(hooks, guard)
+                hooks.on_train_end(self)
+            except BaseException as error:
+                try:
+                    hooks.on_exception(self, error)
+                except Exception as hook_error:
+                    error.add_note(
+                        f"artifex_ckpt: a callback's on_exception failed as well: "
+                        f"{type(hook_error).__name__}: {hook_error}"
+                    )
+                raise
+            if guard.requested:
+                # Too late to stop early: the run had no epoch left to save for.
+                logger.warning(
+                    "%s arrived at the end of training; the run is complete (step %d)",
+                    guard.signal_name,
+                    self.step,
+                )
         return self
+
+    def _run_epochs(self, hooks: CallbackList, guard: PreemptionGuard) -> None:
+        for epoch in range(self.initial_epoch, self.epochs):
+            self.epoch = epoch
+            hooks.on_epoch_begin(self, epoch)
+            logs = self._train_epoch(hooks, epoch, guard)
+            if self.val_data is not None:
+                hooks.on_validation_begin(self)
+                val_logs = self._evaluate()
+                hooks.on_validation_end(self, val_logs)
+                logs.update(val_logs)
+            hooks.on_epoch_end(self, epoch, logs)
+            if self.stop_training:
+                return
+            # A signal that came after the epoch's last step (during validation or the
+            # epoch-end save) stops here rather than one step into the next epoch. Only
+            # `requested` is read: with several hosts it turns True at JAX's common step.
+            if guard.requested and epoch + 1 < self.epochs:
+                raise TrainingPreempted(self.step, guard.signal_name or "a preemption notice")
 
     def _train_epoch(
         self, hooks: CallbackList, epoch: int, guard: PreemptionGuard
     ) -> dict[str, Any]:
         self.model.train()
-        totals: dict[str, jax.Array] = {}
-        count = 0
         skip, self._skip = self._skip, 0
+        if not skip:
+            self.epoch_totals = {}
+        # Sums restored with a mid-epoch checkpoint cover its `skip` batches; without them
+        # the epoch's averages cover the batches trained after resuming.
+        count = skip if self.epoch_totals else 0
         self.batches_done = skip
         for index, batch in enumerate(self._epoch_batches(epoch, skip), start=skip):
             hooks.on_batch_begin(self, index)
@@ -161,19 +207,20 @@ class Trainer:
             self.step += 1
             self.batches_done = index + 1
             count += 1
-            totals = _accumulate(totals, metrics)
+            self.epoch_totals = _accumulate(self.epoch_totals, metrics)
             hooks.on_batch_end(self, index, metrics)
             if guard.should_stop(self.step):
                 raise TrainingPreempted(self.step, guard.signal_name or "a preemption notice")
-        return {name: total / max(count, 1) for name, total in totals.items()}
+        return {name: total / max(count, 1) for name, total in self.epoch_totals.items()}
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterable[Any]:
-        data = self.train_data
-        if isinstance(data, Iterator):
-            # One stream: its position was restored with the checkpoint, so nothing to skip.
+        stream = self.data_iterator
+        if stream is not None:
+            # One stream: a grain iterator's position was restored with the checkpoint;
+            # any other iterator goes on from wherever it is (a new one: its start).
             left = None if self.steps_per_epoch is None else self.steps_per_epoch - skip
-            return data if left is None else itertools.islice(data, left)
-        return skip_batches(_batches(data, epoch), skip)
+            return stream if left is None else itertools.islice(stream, left)
+        return skip_batches(_batches(self.train_data, epoch), skip)
 
     def _evaluate(self) -> dict[str, Any]:
         assert self.val_data is not None
@@ -193,6 +240,8 @@ class Trainer:
                 f"fit(resume={asked!r}) needs a callback that can resume, such as "
                 "ModelCheckpoint, among the callbacks"
             )
+        # Only sums restored with this checkpoint may carry over into its epoch.
+        self.epoch_totals = {}
         point = resumers[0].resume(self, source)
         self.step = point.global_step
         self.epoch = point.epoch

@@ -1,9 +1,12 @@
-"""B1: what `ModelCheckpoint.on_epoch_end` adds on an epoch that writes nothing."""
+"""B1: what `ModelCheckpoint.on_epoch_end` adds on an epoch that writes nothing, and what
+`on_batch_end` adds on a batch that writes nothing (it runs after every training step)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -17,7 +20,10 @@ NS = 1e9
 
 
 def run(args: argparse.Namespace) -> list[Figure]:
-    trainer = SimpleNamespace(model=MLP(16, 2, nnx.Rngs(0)))  # all a callback reads
+    # All a callback reads; step 1 is not a multiple of every_n_train_steps below.
+    trainer = SimpleNamespace(
+        model=MLP(16, 2, nnx.Rngs(0)), optimizer=None, data_iterator=None, epoch=0, step=1
+    )
     value = jnp.asarray(0.9)  # a JAX scalar: reading it syncs with the device
     logs = {"val_loss": value}
     noop = BaseCallback()
@@ -30,6 +36,11 @@ def run(args: argparse.Namespace) -> list[Figure]:
         )
         top1.on_epoch_end(trainer, 0, {"val_loss": jnp.asarray(0.1)})  # the best, on disk
         top1.manager.wait_until_finished()
+        # Batch-end cadences on a batch that saves nothing; the logs are a step's metrics.
+        steps = ModelCheckpoint(_step_config(root / "steps", every_n_train_steps=1000))
+        timed = ModelCheckpoint(_step_config(root / "time", train_time_interval=3600.0))
+        epochs = ModelCheckpoint(CheckpointConfig(dirpath=root / "epochs"))
+        batch_logs = {"loss": value, "accuracy": value}
         cases = {
             "noop": per_call(lambda: noop.on_epoch_end(trainer, 2, logs), calls),
             # every_n_epochs=2: epochs 1, 3, ... are eligible (0-based), epoch 2 is not.
@@ -38,6 +49,10 @@ def run(args: argparse.Namespace) -> list[Figure]:
             "not-top-k": per_call(lambda: top1.on_epoch_end(trainer, 1, logs), few),
             # The floor of any decision by score: reading the JAX value once.
             "read": per_call(lambda: float(value), few),
+            "noop-batch": per_call(lambda: noop.on_batch_end(trainer, 1, batch_logs), calls),
+            "batch-steps": per_call(lambda: steps.on_batch_end(trainer, 1, batch_logs), calls),
+            "batch-time": per_call(lambda: timed.on_batch_end(trainer, 1, batch_logs), calls),
+            "batch-epochs": per_call(lambda: epochs.on_batch_end(trainer, 1, batch_logs), calls),
         }
         try:
             samples = run_trials(cases, args.trials)
@@ -45,6 +60,10 @@ def run(args: argparse.Namespace) -> list[Figure]:
             for callback in (every2, top1):
                 callback.manager.close()
     return _figures(samples, calls, few)
+
+
+def _step_config(dirpath: Path, **cadence: Any) -> CheckpointConfig:
+    return CheckpointConfig(dirpath=dirpath, filename="m-{step}", monitor="loss", **cadence)
 
 
 def _figures(samples: dict[str, list[Sample]], calls: int, few: int) -> list[Figure]:
@@ -77,5 +96,29 @@ def _figures(samples: dict[str, list[Sample]], calls: int, few: int) -> list[Fig
             Spread.of(per("read")),
             fmt=".0f",
             note="reading the monitored value: the floor",
+        ),
+        Figure(
+            "B1",
+            "added per batch end, step cadence, not due (ns)",
+            difference(per("batch-steps"), per("noop-batch")),
+            fmt=".0f",
+            target=1000,
+            note=f"every_n_train_steps=1000, step 1; {calls} calls/trial",
+        ),
+        Figure(
+            "B1",
+            "added per batch end, time cadence, not due (ns)",
+            difference(per("batch-time"), per("noop-batch")),
+            fmt=".0f",
+            target=1000,
+            note="train_time_interval=1 h: one clock read",
+        ),
+        Figure(
+            "B1",
+            "added per batch end, epoch cadence (ns)",
+            difference(per("batch-epochs"), per("noop-batch")),
+            fmt=".0f",
+            target=1000,
+            note="the default: returns at once",
         ),
     ]

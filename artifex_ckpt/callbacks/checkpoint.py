@@ -7,10 +7,15 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from artifex_ckpt.callbacks.base import BaseCallback, Logs, ResumeFrom, ResumePoint, TrainerLike
 from artifex_ckpt.checkpointing import StepSpec, checkpoint_args, restore_checkpoint
@@ -18,14 +23,13 @@ from artifex_ckpt.config import CheckpointConfig
 from artifex_ckpt.directory import absolute
 from artifex_ckpt.errors import (
     CheckpointNotFoundError,
-    CheckpointSaveError,
     StepError,
     WeightsOnlyError,
 )
+from artifex_ckpt.history import Decision
 from artifex_ckpt.manager import MetricCheckpointManager
 from artifex_ckpt.metrics import is_scalar, to_float
 from artifex_ckpt.naming import PartialTag
-from artifex_ckpt.policies import EveryInterval, EveryNEpochs, cadence_policy
 from artifex_ckpt.preemption import TrainingPreempted
 
 __all__ = ["ModelCheckpoint"]
@@ -42,6 +46,16 @@ class ModelCheckpoint(BaseCallback):
     entering the top `save_top_k` are written. Keyword arguments go to
     `MetricCheckpointManager.from_config` (Orbax `options`, `handler_registry`, ...).
 
+    A checkpoint saved at a batch end is scored on that batch's logs over the latest epoch
+    logs (so `val_loss` is the last validation's, as in Lightning); until a first
+    validation has given the monitored value, such a checkpoint is skipped (logged once).
+    When training stops with `TrainingPreempted` (or raises, with `save_on_exception`), the
+    state at that step is saved whatever the cadence: unscored, with `"reason"` in its
+    metadata and its name ending in `-preempted` (`-exception`), kept only while it is the
+    newest. It holds the optimizer state even with `save_weights_only`, to resume from.
+    With epoch cadence it carries the epoch's number; resumed, that epoch's end replaces it
+    with a regular checkpoint.
+
     The manager opens lazily: read-only at the first property read, as the writer when
     training begins (or `resume` is called). So a callback can be pickled or deep-copied
     before training, and one built only to read `best_score` never writes. Saves are
@@ -57,11 +71,18 @@ class ModelCheckpoint(BaseCallback):
     """
 
     __slots__ = (
-        "_cadence",
+        "_by_epoch",
+        "_every_steps",
+        "_hosts",
+        "_known_logs",
+        "_last_check",
         "_last_epoch",
-        "_last_save",
         "_manager",
         "_manager_kwargs",
+        "_resumed",
+        "_seconds",
+        "_training",
+        "_warned_monitor",
         "_writing",
         "config",
     )
@@ -69,11 +90,21 @@ class ModelCheckpoint(BaseCallback):
     def __init__(self, config: CheckpointConfig, **manager_kwargs: Any) -> None:
         self.config = config
         self._manager_kwargs = manager_kwargs
-        self._cadence = cadence_policy(config)
+        # The batch-end hook runs every step: its cadence test reads plain attributes only.
+        self._every_steps = config.every_n_train_steps or 0
+        self._seconds = config.interval_seconds
+        self._by_epoch = config.step_unit == "epoch"
         self._manager: MetricCheckpointManager | None = None
         self._writing = False
+        self._training = False
+        self._resumed = False
+        self._warned_monitor = False
+        self._hosts = 1
         self._last_epoch: tuple[int, Logs] | None = None
-        self._last_save = time.monotonic()
+        # The latest epoch logs (or those restored): what a batch-end save is scored on,
+        # besides the batch's own logs.
+        self._known_logs: dict[str, Any] = {}
+        self._last_check = time.monotonic()
 
     def __getstate__(self) -> dict[str, Any]:
         # An open manager holds threads and locks; a copy opens its own when it needs one.
@@ -143,6 +174,8 @@ class ModelCheckpoint(BaseCallback):
                 f"resume={source!r} is not accepted; use True, 'latest', 'best', a step or "
                 "the path of a checkpoint directory"
             )
+        if manager is writer and step != "latest":
+            self._require_newest(writer, source, writer.best_step() if step == "best" else step)
         try:
             restored = restore_checkpoint(
                 manager,
@@ -159,6 +192,14 @@ class ModelCheckpoint(BaseCallback):
                 manager.close()
         state = restored.trainer_state
         done = state.get("batches_done")
+        logs = state.get("logs")
+        self._known_logs = dict(logs) if isinstance(logs, Mapping) else {}
+        self._resumed = True
+        totals = _decode_totals(state.get("epoch_totals")) if done is not None else {}
+        if totals and hasattr(trainer, "epoch_totals"):
+            # The running sums of the interrupted epoch, so that its averages come out as
+            # in an uninterrupted run (Trainer reads them when it continues the epoch).
+            trainer.epoch_totals = totals
         return ResumePoint(
             restored.step,
             restored.path,
@@ -169,7 +210,7 @@ class ModelCheckpoint(BaseCallback):
 
     def on_train_begin(self, trainer: TrainerLike) -> None:
         manager = self._writer()
-        by_step = self.config.step_unit == "step"
+        by_step = not self._by_epoch
         first = trainer.step + 1 if by_step else trainer.initial_epoch
         latest = manager.latest_step()
         # A checkpoint written mid-epoch shares its epoch's number; that epoch continues.
@@ -183,49 +224,63 @@ class ModelCheckpoint(BaseCallback):
                 "fell back past a damaged newer checkpoint) move that one aside with "
                 "`artifex-ckpt quarantine`"
             )
+        if not self._resumed:
+            self._known_logs = {}
+        self._resumed = False
+        self._warned_monitor = False
         self._last_epoch = None
-        self._last_save = time.monotonic()
+        self._hosts = jax.process_count()
+        self._last_check = time.monotonic()
+        self._training = True
 
     def on_batch_end(self, trainer: TrainerLike, batch: int, logs: Logs) -> None:
-        cadence = self._cadence
-        if isinstance(cadence, EveryNEpochs):
+        # Called after every step: a batch that saves nothing costs two attribute reads
+        # and an integer test (or a clock read), and never touches `logs`.
+        if self._by_epoch:
             return
-        if isinstance(cadence, EveryInterval):
-            due = cadence.is_due(time.monotonic() - self._last_save)
-        else:
-            due = trainer.step % cadence.interval == 0
-        if due:
-            self._save(trainer, trainer.step, logs, force=False)
+        every = self._every_steps
+        if every:
+            if trainer.step % every:
+                return
+        elif not self._time_is_due():
+            return
+        self._save(trainer, trainer.step, {**self._known_logs, **logs}, force=False, batch=True)
 
     def on_epoch_end(self, trainer: TrainerLike, epoch: int, logs: Logs) -> None:
         self._last_epoch = (epoch, logs)
-        cadence = self._cadence
+        self._known_logs = dict(logs)
         # Cheap integer test first: ineligible epochs never touch (or sync) the logs.
-        if isinstance(cadence, EveryNEpochs) and cadence.is_eligible(epoch):
-            latest = self._writer().latest_step()
-            if latest is None or epoch > latest:
+        if self._by_epoch and (epoch + 1) % self.config.every_n_epochs == 0:
+            manager = self._writer()
+            if self._is_new(manager, epoch):
                 self._save(trainer, epoch, logs, force=False)
 
     def on_train_end(self, trainer: TrainerLike) -> None:
+        self._training = False
         manager = self._writer()
         if self.config.save_last and self._last_epoch is not None:
             epoch, logs = self._last_epoch
-            step = trainer.step if self.config.step_unit == "step" else epoch
-            latest = manager.latest_step()
-            if latest is None or step > latest:
+            step = epoch if self._by_epoch else trainer.step
+            if self._is_new(manager, step):
                 self._save(trainer, step, logs, force=True)
         self._finish_writing()
 
     def on_exception(self, trainer: TrainerLike, error: BaseException) -> None:
+        training, self._training = self._training, False
         if self._manager is None or not self._writing:
             return
         preempted = isinstance(error, TrainingPreempted)
-        if preempted or (self.config.save_on_exception and isinstance(error, Exception)):
+        wanted = preempted or (self.config.save_on_exception and isinstance(error, Exception))
+        # Nothing was trained when resuming or on_train_begin failed: nothing to save.
+        if training and wanted:
             reason: PartialTag = "preempted" if preempted else "exception"
             try:
                 path = self._save_partial(trainer, reason)
             except Exception as save_error:
-                error.add_note(f"artifex_ckpt: the {reason} checkpoint failed: {save_error}")
+                error.add_note(
+                    f"artifex_ckpt: the {reason} checkpoint failed: "
+                    f"{type(save_error).__name__}: {save_error}"
+                )
             else:
                 if isinstance(error, TrainingPreempted) and path is not None:
                     error.checkpoint = path
@@ -233,8 +288,8 @@ class ModelCheckpoint(BaseCallback):
         # failed too, say so on the training error rather than replacing it.
         try:
             self._finish_writing()
-        except CheckpointSaveError as save_error:
-            error.add_note(f"artifex_ckpt: in addition, {save_error}")
+        except Exception as save_error:
+            error.add_note(f"artifex_ckpt: in addition, {type(save_error).__name__}: {save_error}")
 
     def _open(self, *, read_only: bool) -> MetricCheckpointManager:
         kwargs = dict(self._manager_kwargs)
@@ -251,6 +306,40 @@ class ModelCheckpoint(BaseCallback):
             self._writing = True
         assert self._manager is not None
         return self._manager
+
+    def _time_is_due(self) -> bool:
+        now = time.monotonic()
+        assert self._seconds is not None
+        due = now - self._last_check >= self._seconds
+        if self._hosts > 1:
+            # Clocks differ between hosts, and a save that only some hosts start deadlocks:
+            # the primary host's clock decides for all (as in Lightning).
+            due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+        if due:
+            self._last_check = now
+        return due
+
+    def _is_new(self, manager: MetricCheckpointManager, step: int) -> bool:
+        """Whether a regular checkpoint of `step` can be written: newer than the newest, or
+        replacing a checkpoint of the same epoch taken before its end."""
+        latest = manager.latest_step()
+        return latest is None or step > latest or (step == latest and manager.is_partial(step))
+
+    def _require_newest(
+        self, manager: MetricCheckpointManager, source: ResumeFrom, step: int | None
+    ) -> None:
+        latest = manager.latest_step()
+        if step is None or latest is None or step >= latest:
+            return  # resuming from the newest (or finding nothing, which restoring reports)
+        newer = [manager.step_path(s).name for s in manager.all_steps() if s > step]
+        path = manager.step_path(step)
+        raise StepError(
+            f"resume={source!r} is step {step} ({path.name}) of {manager.directory}, which "
+            f"also holds newer checkpoints ({', '.join(sorted(newer)[:5])}); training from "
+            "there would have to write over them. Continue in a new directory "
+            f"(CheckpointConfig(dirpath=<new>) with fit(resume={os.fspath(path)!r})), or "
+            "move the newer checkpoints aside with `artifex-ckpt quarantine` and resume again"
+        )
 
     def _finish_writing(self) -> None:
         # Wait for the last save (raising if it failed), then give the directory up: after
@@ -279,8 +368,21 @@ class ModelCheckpoint(BaseCallback):
             f"{sorted(manager.step_path(s).name for s in manager.all_steps())[:10]}"
         )
 
-    def _save(self, trainer: TrainerLike, step: int, logs: Logs, *, force: bool) -> bool:
+    def _save(
+        self, trainer: TrainerLike, step: int, logs: Logs, *, force: bool, batch: bool = False
+    ) -> bool:
         monitor = self.config.monitor
+        if batch and monitor is not None and monitor not in logs:
+            # Lightning's rule: until validation has logged the monitor, a batch-end
+            # checkpoint cannot be ranked, and an unscored one would never be evicted.
+            if not self._warned_monitor:
+                self._warned_monitor = True
+                logger.warning(
+                    "step %d: monitored metric %r is not logged yet (logs: %s); batch-end "
+                    "checkpoints are skipped until it is",
+                    step, monitor, sorted(logs),
+                )  # fmt: skip
+            return False
         # Like Keras and Lightning, non-scalar log entries are not metrics; they are still
         # kept in the checkpoint's trainer_state. The monitor is always passed, to be checked.
         metrics = {k: v for k, v in logs.items() if k == monitor or is_scalar(v)}
@@ -292,7 +394,8 @@ class ModelCheckpoint(BaseCallback):
         if force and monitor is not None and monitor not in metrics:
             # The final checkpoint of save_last needs no score: it is written unscored.
             scored = None
-        state = self._trainer_state(trainer, logs)
+        replaced = self._take_partial(manager, step, scored, force=force)
+        state = self._trainer_state(trainer, logs, mid_epoch=batch)
         before = self._verbose_before(manager)
         saved = manager.save(
             step,
@@ -303,42 +406,92 @@ class ModelCheckpoint(BaseCallback):
             epoch=trainer.epoch,
             global_step=trainer.step,
         )
-        if saved:
-            self._last_save = time.monotonic()
+        if saved and replaced is not None:
+            self._record_replaced(manager, step, replaced)
         if before is not None:
             self._log_decision(manager, step, metrics, saved, before)
         return saved
 
+    def _take_partial(
+        self,
+        manager: MetricCheckpointManager,
+        step: int,
+        metrics: Mapping[str, Any] | None,
+        *,
+        force: bool,
+    ) -> str | None:
+        """Delete the checkpoint of `step` taken before its epoch ended, if there is one and
+        the new one will be kept; returns its name."""
+        if manager.latest_step() != step or not manager.is_partial(step):
+            return None
+        if not force and not manager.would_keep(step, metrics):
+            return None  # the save will be declined: the partial stays the resume point
+        name = manager.step_path(step).name
+        manager.delete(step)
+        return name
+
+    def _record_replaced(self, manager: MetricCheckpointManager, step: int, name: str) -> None:
+        by = manager.step_path(step).name
+        score = manager.score(step)
+        manager.record(Decision.evicted(step, name, None, by=by, by_step=step, by_score=score))
+
     def _save_partial(self, trainer: TrainerLike, reason: PartialTag) -> epath.Path | None:
+        """Save the state at the current step, whatever the cadence, and wait for it to
+        commit; returns the checkpoint holding that state (None if it cannot be saved)."""
         manager = self._writer()
-        step = trainer.step if self.config.step_unit == "step" else trainer.epoch
+        step = trainer.epoch if self._by_epoch else trainer.step
         latest = manager.latest_step()
-        if step < 0 or (latest is not None and step <= latest):
-            return None  # this step is saved already
-        state = {**self._trainer_state(trainer, {}), "batches_done": trainer.batches_done}
-        state["reason"] = reason
+        if step < 0 or (latest is not None and step < latest):
+            return None  # nothing trained yet, or the directory holds newer checkpoints
+        replaced = None
+        if latest == step:
+            if not self._by_epoch or not manager.is_partial(step):
+                # A checkpoint of this very step (a batch-end save, or the epoch's end).
+                manager.wait_until_finished()
+                return manager.step_path(step)
+            # The checkpoint this run resumed from, earlier in the same epoch.
+            replaced = self._take_partial(manager, step, None, force=True)
+        complete = self._last_epoch is not None and self._last_epoch[0] == trainer.epoch
+        state = {
+            **self._trainer_state(trainer, self._known_logs, mid_epoch=not complete),
+            "reason": reason,
+        }
         manager.save(
             step,
-            args=lambda: self._args(trainer, state),
-            custom_metadata={"epoch": trainer.epoch, "global_step": trainer.step},
+            # With the optimizer even under save_weights_only: this one exists to resume from.
+            args=lambda: self._args(trainer, state, full=True),
+            custom_metadata={"epoch": trainer.epoch, "global_step": trainer.step, "reason": reason},
             epoch=trainer.epoch,
             global_step=trainer.step,
             partial=reason,
         )
         manager.wait_until_finished()
+        if replaced is not None:
+            self._record_replaced(manager, step, replaced)
         path = manager.step_path(step)
         logger.warning("%s at step %d: saved %s", reason, trainer.step, os.fspath(path))
         return path
 
-    def _trainer_state(self, trainer: TrainerLike, logs: Logs) -> dict[str, Any]:
-        return {"epoch": trainer.epoch, "global_step": trainer.step, "logs": dict(logs)}
+    def _trainer_state(
+        self, trainer: TrainerLike, logs: Logs, *, mid_epoch: bool = False
+    ) -> dict[str, Any]:
+        state = {"epoch": trainer.epoch, "global_step": trainer.step, "logs": dict(logs)}
+        if mid_epoch:
+            # Taken before the epoch's end (a batch-end save, a preemption): a resumed run
+            # continues this epoch after its `batches_done` batches, with the running sums
+            # of its metrics. Without these keys, it starts the next epoch.
+            state["batches_done"] = trainer.batches_done
+            state["epoch_totals"] = _encode_totals(trainer)
+        return state
 
-    def _args(self, trainer: TrainerLike, state: dict[str, Any]) -> ocp.args.CheckpointArgs:
+    def _args(
+        self, trainer: TrainerLike, state: dict[str, Any], *, full: bool = False
+    ) -> ocp.args.CheckpointArgs:
         # Called by the manager only for a checkpoint it will write.
         return checkpoint_args(
             trainer.model,
             trainer.optimizer,
-            weights_only=self.config.save_weights_only,
+            weights_only=self.config.save_weights_only and not full,
             trainer_state=state,
             data_iterator=trainer.data_iterator,
         )
@@ -359,7 +512,7 @@ class ModelCheckpoint(BaseCallback):
         saved: bool,
         before: tuple[float | None, set[int]],
     ) -> None:
-        unit = "step" if self.config.step_unit == "step" else "epoch"
+        unit = "epoch" if self._by_epoch else "step"
         monitor = self.config.monitor
         value = metrics.get(monitor) if monitor else None
         best, steps = before
@@ -379,3 +532,26 @@ class ModelCheckpoint(BaseCallback):
             logger.info("%s %d: %s, saved %s", unit, step, shown, name)
         for gone in sorted(steps - set(manager.all_steps())):
             logger.info("%s %d: evicted %s", unit, step, manager.plan.step_name(gone))
+
+
+def _encode_totals(trainer: TrainerLike) -> dict[str, list[str]]:
+    """The trainer's running metric sums of the epoch, exactly, as JSON: name -> [hex, dtype]."""
+    totals = getattr(trainer, "epoch_totals", None)
+    if not isinstance(totals, Mapping):
+        return {}
+    out = {}
+    for name, value in totals.items():
+        array = np.asarray(value)
+        if array.size == 1:
+            out[str(name)] = [float(array.reshape(())).hex(), str(array.dtype)]
+    return out
+
+
+def _decode_totals(stored: object) -> dict[str, jax.Array]:
+    if not isinstance(stored, Mapping):
+        return {}
+    totals = {}
+    for name, entry in stored.items():
+        if isinstance(entry, list | tuple) and len(entry) == 2:
+            totals[str(name)] = jnp.asarray(float.fromhex(entry[0]), dtype=entry[1])
+    return totals
