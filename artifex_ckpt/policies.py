@@ -42,6 +42,7 @@ __all__ = [
     "EveryNEpochs",
     "MetricRanking",
     "Mode",
+    "NewestN",
     "RetainedOnArrival",
     "ScoredStep",
     "cadence_policy",
@@ -182,6 +183,27 @@ class BestNByRank:
         return self.ranking.key_of(info.step, value)
 
 
+@dataclass(frozen=True)
+class NewestN:
+    """`PreservationPolicy` without a monitor: the `n` newest checkpoints (`n=None`: all), as
+    Orbax's `LatestN`, except that a partial one is kept only while it is the newest."""
+
+    n: int | None
+
+    def should_preserve(
+        self,
+        checkpoints: Sequence[ocm.PolicyCheckpointInfo],
+        *,
+        context: ocm.PreservationContext,
+    ) -> Sequence[bool]:
+        latest = ocm.LatestN(n=self.n).should_preserve(checkpoints, context=context)
+        newest = max((info.step for info in checkpoints), default=None)
+        return [
+            bool(keep) and (info.step == newest or not is_partial(info.metrics))
+            for keep, info in zip(latest, checkpoints, strict=True)
+        ]
+
+
 def is_partial(metrics: Mapping[str, Any] | None) -> bool:
     """Whether these stored metrics mark a checkpoint written mid-epoch."""
     return isinstance(metrics, Mapping) and bool(metrics.get(PARTIAL_METRIC))
@@ -195,11 +217,11 @@ def retention_policy(
 ) -> ocm.PreservationPolicy:
     """The k best (`-1`: all, `0`: none by score), plus the newest when `keep_last`.
 
-    Without a ranking (no monitor) the k newest are kept, as in Lightning.
+    Without a ranking (no monitor) the k newest are kept (`NewestN`), as in Lightning.
     """
     n = None if save_top_k == -1 else save_top_k
     base: ocm.PreservationPolicy = (
-        ocm.LatestN(n=n) if ranking is None else BestNByRank(ranking, n, threshold)
+        NewestN(n) if ranking is None else BestNByRank(ranking, n, threshold)
     )
     if not keep_last:
         # Alone, without AnyPreservationPolicy's numpy and logging: this one is also

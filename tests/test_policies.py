@@ -19,9 +19,11 @@ from orbax.checkpoint import checkpoint_managers as ocm
 from orbax.checkpoint import options as ocp_options
 
 from artifex_ckpt.policies import (
+    PARTIAL_METRIC,
     BestNByRank,
     EveryNEpochs,
     MetricRanking,
+    NewestN,
     RetainedOnArrival,
     ScoredStep,
     retention_policy,
@@ -146,11 +148,20 @@ def test_retention_policy_shapes() -> None:
     ranking = MetricRanking("val_loss", "max")
     assert retention_policy(ranking, 2, False, 0.5) == BestNByRank(ranking, 2, 0.5)
     assert retention_policy(ranking, -1, False) == BestNByRank(ranking, None)
-    assert retention_policy(None, 3, False) == ocm.LatestN(n=3)
-    assert retention_policy(None, -1, False) == ocm.LatestN(n=None)
+    assert retention_policy(None, 3, False) == NewestN(3)
+    assert retention_policy(None, -1, False) == NewestN(None)
     combined = retention_policy(ranking, 2, True, 0.5)
     assert isinstance(combined, ocm.AnyPreservationPolicy)
     assert list(combined.policies) == [BestNByRank(ranking, 2, 0.5), ocm.LatestN(n=1)]
+
+
+def test_newest_n_keeps_a_partial_checkpoint_only_while_it_is_the_newest() -> None:
+    partial = {PARTIAL_METRIC: 1.0}
+    infos = [ScoredStep(0, None), ScoredStep(1, partial), ScoredStep(2, None)]
+    context = ocm.PreservationContext()
+    assert list(NewestN(3).should_preserve(infos, context=context)) == [T, F, T]
+    assert list(NewestN(3).should_preserve(infos[:2], context=context)) == [T, T]
+    assert list(NewestN(1).should_preserve(infos[:2], context=context)) == [F, T]
 
 
 def test_retention_policy_passes_the_threshold_on() -> None:
