@@ -8,6 +8,8 @@ a standard Orbax checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import os
 import warnings
@@ -22,13 +24,15 @@ from flax import nnx
 from artifex_ckpt.data_state import DATA_ITEM, data_restore_args, data_save_args, has_data_state
 from artifex_ckpt.errors import (
     CheckpointNotFoundError,
+    ConfigError,
     CorruptCheckpointWarning,
     ModelMismatchError,
     WeightsOnlyError,
 )
 from artifex_ckpt.history import Decision
-from artifex_ckpt.manager import MetricCheckpointManager
+from artifex_ckpt.manager import STALE_AFTER_S, MetricCheckpointManager
 from artifex_ckpt.metrics import jsonable
+from artifex_ckpt.ownership import OwnershipError, live_owner
 
 __all__ = [
     "RestoredCheckpoint",
@@ -39,6 +43,8 @@ __all__ = [
     "save_checkpoint",
     "setup_checkpoint_manager",
 ]
+
+logger = logging.getLogger("artifex_ckpt")
 
 MODEL, OPTIMIZER, TRAINER_STATE = "model", "optimizer", "trainer_state"
 StepSpec = int | Literal["latest", "best"] | None
@@ -54,18 +60,72 @@ class RestoredCheckpoint(NamedTuple):
 
 
 def setup_checkpoint_manager(
-    directory: str | os.PathLike[str] | epath.Path, **kwargs: Any
+    directory: str | os.PathLike[str] | epath.Path,
+    *,
+    read_only: bool | None = None,
+    **kwargs: Any,
 ) -> tuple[MetricCheckpointManager, epath.Path]:
     """Open (or create) a checkpoint directory; settings stored there are adopted.
+
+    Which kind of manager it opens:
+
+    - `read_only=None` (the default): the writer if no live run holds the directory, else
+      a reader, logged at INFO on the logger "artifex_ckpt" with the owner's host, pid and
+      command. So an evaluation script opened while training runs reads the run and never
+      touches it, and the same script opened after training (or after the trainer died: its
+      lease is stale) can save. A damaged lease file also opens a reader (nobody can tell
+      who writes).
+    - `read_only=True`: a reader, whoever writes. It never writes, deletes or moves anything
+      (not even a crashed run's unfinished saves) and `save` raises `ConfigError`.
+    - `read_only=False`: the writer; `OwnershipError` names the owner if a live run holds
+      the directory (a stale owner is taken over with a `StaleLeaseWarning`).
+
+    Other keyword arguments go to `MetricCheckpointManager` (`monitor`, `filename`,
+    `options`, ...). Close the manager when done: a writer holds the directory until then.
 
     Example:
         ```python
         manager, path = setup_checkpoint_manager("/tmp/setup-example", save_top_k=2)
+        assert not manager.plan.read_only  # nobody else writes there
         manager.close()
         ```
     """
-    manager = MetricCheckpointManager(directory, **kwargs)
+    if read_only is not None and not isinstance(read_only, bool):
+        raise ConfigError(f"read_only={read_only!r} is not accepted; use None, True or False")
+    options = kwargs.pop("options", None) or ocp.CheckpointManagerOptions()
+    if read_only is False and options.read_only:
+        raise ConfigError("read_only=False conflicts with options.read_only=True; pass one of them")
+    if read_only is None and not options.read_only:
+        read_only = _held_elsewhere(directory)
+    if read_only:
+        options = dataclasses.replace(options, read_only=True)
+    try:
+        manager = MetricCheckpointManager(directory, options=options, **kwargs)
+    except OwnershipError as err:
+        # Taken by another run between the look above and the open: read it instead.
+        if read_only is not None or err.owner is None:
+            raise
+        logger.info("%s is written by %s; opened read-only", directory, err.owner.describe())
+        options = dataclasses.replace(options, read_only=True)
+        manager = MetricCheckpointManager(directory, options=options, **kwargs)
     return manager, manager.directory
+
+
+def _held_elsewhere(directory: str | os.PathLike[str] | epath.Path) -> bool:
+    """Whether another writer holds `directory` now (logged at INFO if so)."""
+    try:
+        owner = live_owner(directory, stale_after_s=STALE_AFTER_S)
+    except OwnershipError as err:
+        logger.info("%s; opened read-only", err)
+        return True
+    if owner is not None:
+        logger.info(
+            "%s is being written by %s; opened read-only (pass read_only=False to write, "
+            "once that run has finished)",
+            os.fspath(directory),
+            owner.describe(),
+        )
+    return owner is not None
 
 
 def _model_state(model: nnx.Module, weights_only: bool) -> nnx.State:
@@ -266,9 +326,19 @@ def _restore_into(
 
 
 def _require_fit(manager: MetricCheckpointManager, step: int, targets: Mapping[str, Any]) -> None:
-    """Raise `ModelMismatchError` if the stored arrays' paths or shapes differ from the
-    targets'. Unreadable metadata is left to the restore (and counts as damage there)."""
+    """Raise `ModelMismatchError` if an item was never saved (an optimizer, by a loop that
+    saved none) or the stored arrays' paths or shapes differ from the targets'. Unreadable
+    metadata is left to the restore (and counts as damage there)."""
     path = manager.step_path(step)
+    absent = sorted(name for name in targets if not (path / name).exists())
+    if absent:
+        # Lost files of a checkpoint with a manifest were reported by `check_intact` already:
+        # an item absent here was never saved (e.g. a custom loop saved no optimizer).
+        present = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise ModelMismatchError(
+            f"checkpoint {path} holds no {' or '.join(absent)} state (its items: {present}); "
+            f"restore it without {', '.join(f'{name}=...' for name in absent)}"
+        )
     try:
         # Read each item's own metadata: the manager knows an item's handler only once it
         # has used it.

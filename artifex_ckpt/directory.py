@@ -214,6 +214,7 @@ def remove_unfinished(directory: epath.Path) -> None:
     and marks a commit with `commit_success.txt`; its own scan at start-up
     (`cleanup_tmp_directories`) removes those, and this removes suffixed leftovers
     (a legacy rename-based save, or a copied local directory), prefix and object alike.
+    A symbolic link is removed itself; what it leads to is left alone.
     """
     if not directory.exists():
         return
@@ -221,7 +222,7 @@ def remove_unfinished(directory: epath.Path) -> None:
     for path in directory.iterdir():
         if step_lib.TMP_DIR_SUFFIX not in path.name:
             continue
-        if not local or path.is_dir():
+        if not local or (path.is_dir() and not os.path.islink(path)):
             path.rmtree(missing_ok=True)
         else:
             path.unlink(missing_ok=True)
@@ -230,6 +231,9 @@ def remove_unfinished(directory: epath.Path) -> None:
 class TrashPurger:
     """Empties `directory / TRASH`, beside the training loop or right away.
 
+    An evicted checkpoint that is a symbolic link (a checkpoint moved to another disk and
+    linked back) loses its link only: what the link leads to lies outside the run directory
+    and is left alone, and the purge says where it is, so that its space can be reclaimed.
     On gs:// there is no trash (Orbax deletes evicted steps itself there), and both
     methods return at once without a request.
     """
@@ -238,6 +242,32 @@ class TrashPurger:
         self.trash = directory / TRASH
         self._active = not os.fspath(directory).startswith(_NO_TRASH_PREFIX)
         self._thread: threading.Thread | None = None
+        self._notes: list[str] = []
+
+    def check(self) -> None:
+        """Raise `ConfigError` if `TRASH` exists but is not a real directory (a file, a
+        symbolic link, ...): evicted checkpoints are moved into it, then deleted.
+
+        Example:
+            ```python
+            TrashPurger(epath.Path("/tmp/run")).check()
+            ```
+        """
+        if not self._active or not is_local(self.trash):
+            return
+        name = os.fspath(self.trash)
+        try:
+            mode = os.lstat(name).st_mode
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(mode):
+            return
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a directory"
+        raise ConfigError(
+            f"{name} is {kind}; that name is reserved for the directory evicted checkpoints "
+            "are moved into before they are deleted, and deleting through it could reach "
+            "files outside the run. Move it out of the run directory"
+        )
 
     def start(self) -> None:
         """Purge in a background thread (a save may be renaming into the trash)."""
@@ -249,20 +279,39 @@ class TrashPurger:
             )
             self._thread.start()
 
-    def finish(self) -> None:
-        """Wait for a background purge, then purge and remove the trash itself.
-        Call only when no save is in flight."""
+    def finish(self) -> list[str]:
+        """Wait for a background purge, then purge and remove the trash itself. Returns
+        notes on links removed whose targets were left in place. Call only when no save is
+        in flight."""
         if not self._active:
-            return
+            return []
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         self._purge(remove_trash=True)
+        notes, self._notes = self._notes, []
+        return notes
 
     def _purge(self, remove_trash: bool = False) -> None:
+        local = is_local(self.trash)
+        trash = os.fspath(self.trash)
+        if local and (os.path.islink(trash) or not os.path.isdir(trash)):
+            return  # absent, or foreign (refused by `check` at open): never delete through it
         with contextlib.suppress(FileNotFoundError):
             for entry in self.trash.iterdir():
-                entry.rmtree(missing_ok=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                name = os.fspath(entry)
+                if local and os.path.islink(name):
+                    target = os.readlink(name)
+                    os.unlink(name)
+                    self._notes.append(
+                        f"evicted checkpoint {entry.name} was a symbolic link to {target}: the "
+                        f"link was removed and {target} was left in place; delete it to free "
+                        "its space"
+                    )
+                elif entry.is_dir():
+                    entry.rmtree(missing_ok=True)
+                else:
+                    entry.unlink(missing_ok=True)
         if remove_trash:
             with contextlib.suppress(OSError):  # gone already, or refilled meanwhile
                 self.trash.rmdir()

@@ -4,8 +4,9 @@ Orbax renames evicted steps into the trash when a save finalizes, in its own bac
 thread. The `Housekeeper` starts after `save` returns, waits until Orbax reports the save
 finished (`is_saving_in_progress`, a public question), then runs its tasks (purging the
 trash, recording checksums, ...). `finish` joins it and runs the tasks once more, so after
-`wait_until_finished` or `close` nothing is left to do. Problems are collected and reported
-on the caller's thread as warnings: a background thread must not raise into nothing.
+`wait_until_finished` or `close` nothing is left to do. Problems (a task's exception, or the
+notes a task returns) are collected and reported on the caller's thread as warnings: a
+background thread must not raise into nothing.
 
 Example:
     ```python
@@ -22,11 +23,14 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from artifex_ckpt.errors import CheckpointWarning
 
-__all__ = ["Housekeeper"]
+__all__ = ["Housekeeper", "Task"]
+
+# A task may return notes for the caller (each becomes a `CheckpointWarning`).
+Task = Callable[[], Iterable[str] | None]
 
 _FIRST_POLL_S, _LONGEST_POLL_S = 0.002, 0.05
 
@@ -34,7 +38,7 @@ _FIRST_POLL_S, _LONGEST_POLL_S = 0.002, 0.05
 class Housekeeper:
     """Runs `tasks` after each save finishes, in one background thread at a time."""
 
-    def __init__(self, tasks: Sequence[Callable[[], None]]) -> None:
+    def __init__(self, tasks: Sequence[Task]) -> None:
         self._tasks = tuple(tasks)
         self._thread: threading.Thread | None = None
         self._problems: list[str] = []
@@ -74,7 +78,8 @@ class Housekeeper:
     def _run(self) -> None:
         for task in self._tasks:
             try:
-                task()
+                notes = list(task() or ())
             except Exception as err:  # reported on the caller's thread by finish()
-                with self._lock:
-                    self._problems.append(f"{type(err).__name__}: {err}")
+                notes = [f"{type(err).__name__}: {err}"]
+            with self._lock:
+                self._problems.extend(notes)

@@ -35,19 +35,21 @@ from artifex_ckpt.directory import (
 from artifex_ckpt.errors import (
     CheckpointNotFoundError,
     CheckpointSaveError,
+    CheckpointWarning,
     ConfigError,
     CorruptCheckpointError,
     CorruptCheckpointWarning,
     StepError,
 )
 from artifex_ckpt.history import Decision, DecisionHistory
-from artifex_ckpt.housekeeping import Housekeeper
+from artifex_ckpt.housekeeping import Housekeeper, Task
 from artifex_ckpt.journal import Committing, Journal
-from artifex_ckpt.manifest import ManifestCheck, verify
+from artifex_ckpt.listing import commit_problem, irregular
+from artifex_ckpt.manifest import DamagedManifestError, ManifestCheck, read_manifest, verify
 from artifex_ckpt.metrics import jsonable, monitored_value, normalise_metrics, to_float
 from artifex_ckpt.naming import PARTIAL_TAGS, PartialTag
-from artifex_ckpt.ownership import acquire
-from artifex_ckpt.plan import ManagerPlan, plan_manager
+from artifex_ckpt.ownership import acquire, require_free
+from artifex_ckpt.plan import ManagerPlan, is_writer, plan_manager
 from artifex_ckpt.policies import (
     PARTIAL_METRIC,
     BestNByRank,
@@ -63,6 +65,10 @@ from artifex_ckpt.validation import Mode
 __all__ = ["MetricCheckpointManager"]
 
 _UNKNOWN: Any = object()
+# Where Orbax stores a step's metrics, relative to its directory.
+METRICS_FILE = "metrics/metrics"
+# A directory name's limit on common local file systems, in bytes.
+_NAME_MAX = 255
 # A writer whose heartbeat (every 30 s) stopped this long ago is presumed gone.
 STALE_AFTER_S = 300.0
 
@@ -75,6 +81,13 @@ class MetricCheckpointManager(ocp.CheckpointManager):
     score, names step directories by a filename template, and stores these settings in
     the directory so that a manager opened later without them adopts them. Arguments left
     as None take the stored value, else the default shown in brackets.
+
+    One writer per directory: a manager that may write refuses, with an `OwnershipError`
+    naming the other run, to open a directory another live run (or manager of this
+    process) writes. A reader (`options=ocp.CheckpointManagerOptions(read_only=True)`, or
+    `setup_checkpoint_manager`'s default while another run writes) never writes, deletes or
+    moves anything. A damaged checkpoint (unreadable metrics or commit record) is listed and
+    warned about, never a reason for the directory not to open.
 
     Example:
         ```python
@@ -127,6 +140,11 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             raise ConfigError(
                 f"directory {os.fspath(root)!r} is an existing file; pass a directory"
             )
+        if not (options and options.read_only):
+            require_writable(root)
+        if is_writer(options, jax.process_index()):
+            # Another live writer is named first, before any settings it stored can conflict.
+            require_free(root, stale_after_s=STALE_AFTER_S)
         explicit = retention or dict(
             monitor=monitor, mode=mode, save_top_k=save_top_k, keep_last=keep_last,
             filename=filename,
@@ -139,8 +157,9 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             orbax_kwargs,
             process_index=jax.process_index(),
         )
-        if not plan.read_only:
-            require_writable(root)
+        purger = TrashPurger(root)
+        if plan.trash is not None and plan.is_writer:
+            purger.check()
         # What `metrics` reads; Orbax's constructor calls it while scanning the directory.
         self._plan = plan
         self._warned: set[int] = set()
@@ -154,16 +173,23 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         except BaseException:
             self._release()
             raise
+        self._report_listing()
         self._settings_unsaved = plan.settings_unsaved
         self._in_flight: int | None = None
         self._entry_bar: RankKey | None = _UNKNOWN
         self._verdict: tuple[int, float | None, bool] | None = None
-        tasks = []
+        tasks: list[Task] = []
         self._journal: Journal | None = None
         if plan.is_writer:
             if plan.trash is not None:
-                tasks.append(TrashPurger(root).finish)
-            self._journal = Journal(DecisionHistory(root), k=plan.settings.save_top_k)
+                tasks.append(purger.finish)
+            settings = plan.settings
+            self._journal = Journal(
+                DecisionHistory(root),
+                k=settings.save_top_k,
+                initial_value_threshold=settings.initial_value_threshold,
+                mode=settings.mode,
+            )
             tasks.append(self._journal.flush)
         self._housekeeper = Housekeeper(tasks)
         if plan.cleans_leftovers:
@@ -261,6 +287,15 @@ class MetricCheckpointManager(ocp.CheckpointManager):
                 args=args,
                 custom_metadata=custom_metadata,
             )
+        except OSError as err:
+            # The step directory is created here (see `plan`): a read-only file system or a
+            # vanished directory fails now, leaving no writer thread behind.
+            self._forget_name(step)
+            self.reload()
+            raise CheckpointSaveError(
+                f"saving checkpoint {name!r} (step {step}) in {self.directory} failed: "
+                f"{type(err).__name__}: {err}"
+            ) from err
         except BaseException:
             self._forget_name(step)
             raise
@@ -342,7 +377,16 @@ class MetricCheckpointManager(ocp.CheckpointManager):
     def _release(self) -> None:
         if self._lease is None:
             return
-        self._lease.release()
+        try:
+            self._lease.release()
+        except OSError as err:  # a file system turned read-only: the lease goes stale instead
+            warnings.warn(
+                CheckpointWarning(
+                    f"could not remove the lease file {self._lease.path} ({err}); another "
+                    f"writer takes it over once it is stale ({STALE_AFTER_S:g} s)"
+                ),
+                stacklevel=3,
+            )
         self._lease = None
         for made in self._made:  # deepest first; one that is not empty stays, with its parents
             try:
@@ -353,6 +397,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
     def reload(self) -> None:
         """Orbax's `reload`: read the directory again (after another process changed it)."""
         super().reload()
+        self._report_listing()
         self._entry_bar = _UNKNOWN
 
     def delete(self, step: int) -> None:
@@ -376,40 +421,48 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         return super().restore(step, items, restore_kwargs, directory=directory, args=args)
 
     def metrics(self, step: int) -> Any:
-        """Metrics stored with `step`. Unreadable or missing ones are recovered from the
-        directory name when the template holds the monitor; otherwise the checkpoint is
-        unscored (and so never evicted by rank). Either way it warns once, naming it."""
+        """Metrics stored with `step`. Unreadable, malformed or missing ones are recovered
+        from the directory name when the template holds the monitor; otherwise the checkpoint
+        is unscored (and so never evicted by rank). Either way it warns once, naming it. A
+        checkpoint saved without metrics is unscored quietly."""
+        path = self.directory / self._plan.step_name(step)
+        problem = irregular(path / METRICS_FILE)
+        if problem is not None:
+            return self._metrics_from_name(step, f"cannot be read ({METRICS_FILE} {problem})")
         try:
             found = super().metrics(step)
         except (ValueError, TypeError, OSError) as err:
             return self._metrics_from_name(step, f"cannot be read ({err})")
         if found is None:
-            return self._metrics_from_name(step, "are missing", quiet_if_unscored=True)
+            return self._metrics_from_name(step, "are missing", quiet_if_unscored=not _had(path))
+        problem = _malformed(found, self._plan.settings.monitor)
+        if problem is not None:
+            return self._metrics_from_name(step, problem)
         return found
 
     def check_intact(self, step: int, *, deep: bool = False) -> ManifestCheck:
-        """Raise `CorruptCheckpointError` if `step` lacks its commit record, has unreadable
-        metrics, or does not match its manifest: sizes always, checksums with `deep=True`.
+        """Raise `CorruptCheckpointError` if `step` lacks its commit record (or it is
+        damaged), has unreadable metrics, or does not match its manifest: sizes always,
+        checksums with `deep=True`.
 
         Returns the manifest check; its status is "unverified" for a checkpoint written
         before manifests existed. Without `deep` it reads a few small files, not the arrays.
         """
         self.wait_until_finished()
         path = self.step_path(step)
-        try:
-            committed = step_lib.Metadata(step=step, path=path).commit_timestamp_nsecs
-        except (ValueError, TypeError, OSError) as err:
+        problem = commit_problem(path, step)
+        if problem is not None:
+            raise CorruptCheckpointError(f"checkpoint {path} is not committed: {problem}")
+        problem = irregular(path / METRICS_FILE)
+        if problem is None:
+            try:
+                super().metrics(step)
+            except (ValueError, TypeError, OSError) as err:
+                problem = f"cannot be read ({err})"
+        if problem is not None:
             raise CorruptCheckpointError(
-                f"checkpoint {path} has a damaged commit record: {err}"
-            ) from err
-        if committed is None:
-            raise CorruptCheckpointError(f"checkpoint {path} has no commit record")
-        try:
-            super().metrics(step)
-        except (ValueError, TypeError, OSError) as err:
-            raise CorruptCheckpointError(
-                f"checkpoint {path} has unreadable metrics: {err}"
-            ) from err
+                f"checkpoint {path} has unreadable metrics: {METRICS_FILE} {problem}"
+            )
         check = verify(path, deep=deep)
         if check.status == "mismatch":
             raise CorruptCheckpointError(
@@ -478,6 +531,13 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             missing="none" if unscored else "raise",
         )
         name = name if partial is None else f"{name}-{partial}"
+        unfinished = name + step_lib.TMP_DIR_SUFFIX
+        if is_local(self.directory) and len(unfinished.encode()) > _NAME_MAX:
+            raise ConfigError(
+                f"checkpoint name {name!r} is too long: while it is written it is named "
+                f"{unfinished!r}, {len(unfinished.encode())} bytes, over the {_NAME_MAX}-byte "
+                f"limit of a directory name; shorten filename={names.template.template!r}"
+            )
         names.remember(step, name)
         return name
 
@@ -540,6 +600,11 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             )
         return recovered
 
+    def _report_listing(self) -> None:
+        # Found while Orbax listed the directory, partly in its worker threads.
+        for warning in self._plan.step_names.take_warnings():
+            warnings.warn(warning, stacklevel=3)
+
     def _prepare_directory(self) -> None:
         if self._settings_unsaved and self._plan.is_writer:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -575,6 +640,30 @@ def _standard_json(metrics: Mapping[str, float] | None) -> dict[str, float | str
     if metrics is None:
         return None
     return {k: v if math.isfinite(v) else str(v) for k, v in metrics.items()}
+
+
+def _had(step_dir: epath.Path) -> bool:
+    """Whether `step_dir` was saved with metrics: its metrics item or its manifest says so."""
+    if (step_dir / "metrics").exists():
+        return True
+    try:
+        manifest = read_manifest(step_dir)
+    except (DamagedManifestError, OSError):
+        return False
+    return manifest is not None and any(e.path == METRICS_FILE for e in manifest.entries)
+
+
+def _malformed(found: object, monitor: str | None) -> str | None:
+    """What is wrong with stored metrics that parsed as JSON, or None."""
+    if not isinstance(found, dict):
+        return f"hold {type(found).__name__} {found!r:.60}, not an object"
+    if monitor is None or monitor not in found:
+        return None
+    value = found[monitor]
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if number or value in ("nan", "inf", "-inf"):
+        return None
+    return f"hold {monitor}={value!r:.60}, not a number"
 
 
 def _missing_dirs(directory: epath.Path) -> list[epath.Path]:

@@ -4,7 +4,9 @@ Two writers on one directory (the same job started twice, or two managers or cal
 the same dirpath in one process) interleave their saves and evictions and destroy each
 other's checkpoints. A writer therefore `acquire`s the directory before writing anything,
 refreshes its lease while it writes, and releases it when it closes. Readers never create,
-write or delete the lease; `read_owner` tells them (and the CLI) who writes.
+write or delete the lease; `read_owner` tells them (and the CLI) who writes, and `live_owner`
+whether that owner may still be writing. `require_free` raises what `acquire` would, without
+writing anything, so that a writer learns of another one before it looks at anything else.
 
 The lease is the file `artifex_owner.json` in the run directory:
 
@@ -105,7 +107,9 @@ __all__ = [
     "OwnershipError",
     "StaleLeaseWarning",
     "acquire",
+    "live_owner",
     "read_owner",
+    "require_free",
 ]
 
 LEASE_FILE = "artifex_owner.json"
@@ -119,7 +123,10 @@ _COMMAND_CHARS = 200
 _ATTEMPTS = 5
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_READ_ONLY_HINT = "options=ocp.CheckpointManagerOptions(read_only=True)"
+_READ_ONLY_HINT = (
+    "setup_checkpoint_manager(dirpath) does so while another run writes, as does "
+    "options=ocp.CheckpointManagerOptions(read_only=True)"
+)
 
 
 class OwnershipError(CheckpointError, RuntimeError):
@@ -432,7 +439,7 @@ def acquire(
     local = is_local(root)
     if local and os.path.exists(root) and not os.path.isdir(root):
         raise ConfigError(f"directory {os.fspath(root)!r} is an existing file; pass a directory")
-    key = os.path.realpath(os.fspath(root)) if local else os.fspath(root).rstrip("/")
+    key = _key(root)
     path = root / LEASE_FILE
     store: _Store = _LocalFile(path) if local else _ObjectFile(path)
     with _REGISTRY.reserve(key, root) as claim:
@@ -473,6 +480,51 @@ def acquire(
     return lease
 
 
+def require_free(
+    directory: str | os.PathLike[str] | epath.Path, *, stale_after_s: float = STALE_AFTER_S
+) -> None:
+    """Raise the `OwnershipError` that `acquire` would raise, without writing anything: when
+    a live run, or another manager of this process, writes `directory`, or its lease file is
+    damaged. A stale lease passes (`acquire` takes it over).
+
+    For a writer to learn, before it looks at anything else, that another run writes here.
+
+    Example:
+        ```python
+        require_free("/tmp/run")  # raises OwnershipError naming the owner, if there is one
+        ```
+    """
+    root = absolute(directory)
+    _REGISTRY.check(_key(root), root)
+    current = read_owner(root)
+    if current is not None and _stale_reason(current, stale_after_s) is None:
+        raise _owned_elsewhere(root, root / LEASE_FILE, current, stale_after_s)
+
+
+def live_owner(
+    directory: str | os.PathLike[str] | epath.Path, *, stale_after_s: float = STALE_AFTER_S
+) -> OwnerInfo | None:
+    """The owner of `directory` while it may still write there (a live run, or a manager of
+    this process); None if nobody holds it or the lease is stale. Never writes. Raises
+    `OwnershipError` naming the file if the lease file is damaged.
+
+    Example:
+        ```python
+        owner = live_owner("/tmp/run")
+        mode = "read-only" if owner is not None else "writer"
+        ```
+    """
+    root = absolute(directory)
+    try:
+        _REGISTRY.check(_key(root), root)
+    except OwnershipError as err:
+        return err.owner or _new_owner()  # a manager of this process (or one being opened)
+    current = read_owner(root)
+    if current is None or _stale_reason(current, stale_after_s) is not None:
+        return None
+    return current
+
+
 def read_owner(directory: str | os.PathLike[str] | epath.Path) -> OwnerInfo | None:
     """Who holds the lease on `directory`, or None if nobody does. Never writes.
 
@@ -488,6 +540,11 @@ def read_owner(directory: str | os.PathLike[str] | epath.Path) -> OwnerInfo | No
     root = absolute(directory)
     path = root / LEASE_FILE
     return _parse(_LocalFile(path) if is_local(root) else _ObjectFile(path), path)
+
+
+def _key(root: epath.Path) -> str:
+    # One directory under every spelling: symlinks and `..` resolved locally.
+    return os.path.realpath(os.fspath(root)) if is_local(root) else os.fspath(root).rstrip("/")
 
 
 class _Store(Protocol):
@@ -642,6 +699,16 @@ class _Registry:
             self._held[key] = None
         return _Claim(self, key)
 
+    def check(self, key: str, root: epath.Path) -> None:
+        """Raise as `reserve` would, reserving nothing."""
+        with self._lock:
+            if key not in self._held:
+                return
+            ref = self._held[key]
+            lease = ref() if ref is not None else None
+            if ref is None or (lease is not None and lease.held):
+                raise _owned_here(root, lease)
+
     def fill(self, key: str, lease: Lease) -> None:
         with self._lock:
             self._held[key] = weakref.ref(lease)
@@ -676,7 +743,7 @@ def _read_regular(name: str, shown: epath.Path) -> bytes | None:
     FIFO (O_NONBLOCK), never reads more than `_MAX_BYTES`."""
     try:
         fd = os.open(name, _READ_FLAGS)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as err:
         if err.errno == errno.ELOOP:

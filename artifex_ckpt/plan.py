@@ -30,11 +30,12 @@ from orbax.checkpoint.path import step as step_lib
 from artifex_ckpt.directory import TRASH, is_local
 from artifex_ckpt.errors import ConfigError
 from artifex_ckpt.handlers import default_handler_registry
+from artifex_ckpt.listing import CheckedNameFormat
 from artifex_ckpt.naming import FilenameTemplate, TemplateNameFormat
 from artifex_ckpt.policies import MetricRanking, retention_policy
 from artifex_ckpt.settings import RetentionSettings
 
-__all__ = ["ManagerPlan", "plan_manager"]
+__all__ = ["ManagerPlan", "is_writer", "plan_manager"]
 
 # Retention and naming belong to the manager; an options object setting them too
 # would silently fight it.
@@ -69,7 +70,7 @@ class ManagerPlan:
     ranking: MetricRanking | None
     retention: ocm.PreservationPolicy
     name_format: TemplateNameFormat | None
-    step_names: step_lib.NameFormat[step_lib.Metadata]
+    step_names: CheckedNameFormat
     options: ocp.CheckpointManagerOptions
     orbax_kwargs: Mapping[str, Any]
     read_only: bool
@@ -117,8 +118,15 @@ def plan_manager(
         if settings.filename
         else None
     )
-    step_names = name_format or step_lib.standard_name_format()
     options = _checked(options or ocp.CheckpointManagerOptions())
+    step_names = CheckedNameFormat(
+        name_format
+        or step_lib.standard_name_format(
+            single_host_load_and_broadcast=options.single_host_load_and_broadcast,
+            temporary_path_cls=options.temporary_path_class,
+            atomicity_options=options.atomicity_options,
+        )
+    )
     read_only = bool(options.read_only)
     primary = options.multiprocessing_options.primary_host
     own_trash = options.todelete_subdir is None
@@ -138,9 +146,10 @@ def plan_manager(
             best_fn=None if ranking is None else ranking.best_fn,
             best_mode=settings.mode,
             preservation_policy=retention,
-            # Without a template Orbax builds the same standard format itself, and then
-            # reads each step's metrics without looking the step up again (B7).
-            step_name_format=name_format,
+            # Damaged commit records and links back into the run are kept from Orbax's scan;
+            # the wrapper answers step lookups from its listing, so this costs no I/O (B7).
+            step_name_format=step_names,
+            async_options=_async_options(options.async_options, directory),
             # Remote stores use Orbax's scan; locally a cheaper one runs after opening.
             cleanup_tmp_directories=not read_only and not is_local(directory),
             create=False,
@@ -149,9 +158,35 @@ def plan_manager(
         orbax_kwargs=kwargs,
         read_only=read_only,
         primary_host=primary,
-        is_writer=not read_only and primary in (None, process_index),
+        is_writer=is_writer(options, process_index),
         trash=directory / TRASH if own_trash and is_local(directory) else None,
     )
+
+
+def is_writer(options: ocp.CheckpointManagerOptions | None, process_index: int) -> bool:
+    """Whether a manager with `options` on process `process_index` writes its directory:
+    it is not read-only, and it is the primary host (or every host is).
+
+    Example:
+        ```python
+        assert not is_writer(ocp.CheckpointManagerOptions(read_only=True), 0)
+        ```
+    """
+    options = options or ocp.CheckpointManagerOptions()
+    primary = options.multiprocessing_options.primary_host
+    return not options.read_only and primary in (None, process_index)
+
+
+def _async_options(given: ocp.AsyncOptions | None, directory: epath.Path) -> ocp.AsyncOptions:
+    # A step directory created in the background that fails (a read-only file system, a
+    # name too long) leaves Orbax's writer threads waiting 300 s for it, and the process
+    # cannot exit meanwhile. Created in `save`, the failure raises there. Locally that is a
+    # few mkdir calls; on an object store a caller's own AsyncOptions are kept as given.
+    if given is None:
+        return ocp.AsyncOptions(create_directories_asynchronously=False)
+    if is_local(directory):
+        return dataclasses.replace(given, create_directories_asynchronously=False)
+    return given
 
 
 def _checked(options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManagerOptions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import warnings
@@ -14,7 +15,9 @@ from flax import nnx
 
 from artifex_ckpt import (
     CheckpointNotFoundError,
+    ConfigError,
     CorruptCheckpointWarning,
+    ModelMismatchError,
     WeightsOnlyError,
     load_checkpoint,
     save_checkpoint,
@@ -22,6 +25,7 @@ from artifex_ckpt import (
 )
 from artifex_ckpt.history import HISTORY_FILE, DecisionHistory
 from artifex_ckpt.manager import MetricCheckpointManager
+from artifex_ckpt.ownership import OwnershipError
 from tests.conftest import TinyMLP, assert_trees_equal, pure
 from tests.training import make_trainer
 
@@ -170,3 +174,45 @@ def test_explicit_corrupt_step_raises(tmp_path: Path) -> None:
     manager = MetricCheckpointManager(tmp_path)
     with pytest.raises(ValueError, match="ck-2"):
         load_checkpoint(manager, _fresh()[0], 2)
+
+
+def test_setup_opens_a_reader_while_a_writer_holds_the_directory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_run(tmp_path)
+    writer, _ = setup_checkpoint_manager(tmp_path)
+    assert not writer.plan.read_only
+    with caplog.at_level(logging.INFO, logger="artifex_ckpt"):
+        reader, _ = setup_checkpoint_manager(tmp_path)
+    assert reader.plan.read_only
+    assert f"pid {os.getpid()}" in caplog.text and "opened read-only" in caplog.text
+    explicit, _ = setup_checkpoint_manager(tmp_path, read_only=True)
+    assert explicit.plan.read_only
+    with pytest.raises(OwnershipError, match="another manager or callback in this process"):
+        setup_checkpoint_manager(tmp_path, read_only=False)
+    for manager in (reader, explicit):
+        assert manager.best_step() == 1
+        with pytest.raises(ConfigError, match="read-only"):
+            save_checkpoint(manager, _fresh()[0], 9, metrics={"val_loss": 0.1})
+        manager.close()
+    writer.close()
+    again, _ = setup_checkpoint_manager(tmp_path)  # nobody writes now: the writer
+    assert not again.plan.read_only
+    again.close()
+
+
+def test_a_checkpoint_saved_without_optimizer_is_a_mismatch_not_corruption(
+    tmp_path: Path,
+) -> None:
+    manager, _ = setup_checkpoint_manager(tmp_path)
+    for step in range(2):
+        save_checkpoint(manager, _fresh(step)[0], step, metrics={"val_loss": 0.5})
+    model, optimizer = _fresh()
+    missing = r"holds no optimizer state.*without optimizer=\.\.\."
+    with pytest.raises(ModelMismatchError, match=missing):
+        load_checkpoint(manager, model, "latest", optimizer=optimizer)
+    load_checkpoint(manager, model, "latest")
+    assert_trees_equal(model, _fresh(1)[0])
+    manager.close()
+    kinds = [d.kind for d in DecisionHistory(tmp_path).read()]
+    assert "skipped_corrupt" not in kinds

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -15,7 +19,11 @@ from flax import nnx
 
 from artifex_ckpt import (
     CheckpointNotFoundError,
+    CheckpointSaveError,
+    CheckpointWarning,
     ConfigError,
+    CorruptCheckpointError,
+    CorruptCheckpointWarning,
     MetricCheckpointManager,
     MetricError,
     SettingsMismatchError,
@@ -327,3 +335,71 @@ def test_best_may_score_exactly_zero(ckpt_dir: Path) -> None:
         load_checkpoint(mgr, target, "best")
         assert mgr.best_step() == 1
     assert_trees_equal(target, models[1])
+
+
+@pytest.mark.parametrize(
+    ("stored", "problem"),
+    [
+        ("[1, 2]", "hold list [1, 2], not an object"),
+        ('{"val/loss": "low"}', "hold val/loss='low', not a number"),
+        ('{"val/loss": null}', "hold val/loss=None, not a number"),
+        ('"text"', "hold str 'text', not an object"),
+    ],
+)
+def test_malformed_stored_metrics_are_read_from_the_name(
+    ckpt_dir: Path, stored: str, problem: str
+) -> None:
+    _fill(ckpt_dir, [0.9, 0.4, 0.7], save_top_k=2)
+    (ckpt_dir / "model-01-0.4000" / "metrics" / "metrics").write_text(stored)
+    with pytest.warns(CorruptCheckpointWarning, match=re.escape(problem)) as warned:
+        mgr = MetricCheckpointManager(ckpt_dir)
+    with mgr:
+        assert "val/loss (0.4) is read from its name" in str(warned[0].message)
+        assert mgr.best_step() == 1 and mgr.score(1) == 0.4
+        mgr.save(3, args=_args(3), metrics={"val/loss": 0.8})
+        mgr.save(4, args=_args(4), metrics={"val/loss": 0.6})
+    assert step_dirs(ckpt_dir) == {"model-01-0.4000", "model-04-0.6000"}
+
+
+def test_metrics_removed_from_a_numeric_checkpoint_warn_once(ckpt_dir: Path) -> None:
+    with MetricCheckpointManager(ckpt_dir, save_top_k=1) as mgr:
+        mgr.save(0, args=_args(0), metrics={"val_loss": 0.1})
+        mgr.save(1, args=_args(1))  # saved without metrics: unscored, quietly
+    shutil.rmtree(ckpt_dir / "0" / "metrics")
+    with pytest.warns(CorruptCheckpointWarning) as warned:
+        mgr = MetricCheckpointManager(ckpt_dir)
+    with mgr:
+        mgr.save(2, args=_args(2), metrics={"val_loss": 0.5})
+        mgr.save(3, args=_args(3), metrics={"val_loss": 0.4})
+    assert [str(w.message) for w in warned] == [
+        f"metrics of checkpoint {ckpt_dir / '0'} are missing; it is treated as unscored and kept"
+    ]
+    assert step_dirs(ckpt_dir) == {"0", "1", "3"}
+
+
+def test_check_intact_never_opens_a_fifo(ckpt_dir: Path) -> None:
+    _fill(ckpt_dir, [0.9, 0.4])
+    for damaged in ("_CHECKPOINT_METADATA", "metrics/metrics"):
+        path = ckpt_dir / "model-01-0.4000" / damaged
+        path.rename(path.with_name(path.name + ".aside"))
+        os.mkfifo(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CorruptCheckpointWarning)
+            mgr = MetricCheckpointManager(ckpt_dir)
+        with mgr, pytest.raises(CorruptCheckpointError, match=f"{damaged} is a FIFO"):
+            mgr.check_intact(1)
+        path.unlink()
+        path.with_name(path.name + ".aside").rename(path)
+
+
+def test_a_save_whose_directory_cannot_be_created_fails_in_save(ckpt_dir: Path) -> None:
+    with MetricCheckpointManager(ckpt_dir, filename="m-{epoch}") as mgr:
+        mgr.save(0, args=_args(0), metrics={"val_loss": 0.5})
+        mgr.wait_until_finished()
+        shutil.rmtree(ckpt_dir)
+        ckpt_dir.write_text("a file where the run was")
+        with pytest.raises(CheckpointSaveError, match=r"'m-1' \(step 1\).*NotADirectoryError"):
+            mgr.save(1, args=_args(1), metrics={"val_loss": 0.4})
+        with pytest.warns(CheckpointWarning, match="could not remove the lease file"):
+            mgr.close()
+    assert ckpt_dir.read_text() == "a file where the run was"

@@ -25,7 +25,9 @@ from artifex_ckpt.ownership import (
     StaleLeaseWarning,
     _LocalFile,
     acquire,
+    live_owner,
     read_owner,
+    require_free,
 )
 
 SUBPROCESS_TIMEOUT_S = 60.0
@@ -533,3 +535,36 @@ def test_gcs_one_writer_and_readers(gcs_dir: epath.Path) -> None:
     with pytest.warns(StaleLeaseWarning, match="other-host"), acquire(other) as taken:
         assert read_owner(other) == taken.owner
     assert read_owner(other) is None
+
+
+def test_require_free_and_live_owner_look_without_writing(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    require_free(run)
+    assert live_owner(run) is None
+    assert not run.exists()
+
+    write_lease(run, foreign(refreshed=time.time() - 100))  # alive, as far as anyone knows
+    before = snapshot(run)
+    with pytest.raises(OwnershipError, match="host 'other-host', pid 4242") as caught:
+        require_free(run, stale_after_s=900)
+    assert caught.value.owner is not None and caught.value.owner.pid == 4242
+    owner = live_owner(run, stale_after_s=900)
+    assert owner is not None and owner.host == "other-host"
+    assert live_owner(run, stale_after_s=60) is None  # stale: acquire would take it over
+    require_free(run, stale_after_s=60)
+    assert snapshot(run) == before
+
+    (run / LEASE_FILE).write_bytes(b"[]")
+    for look in (require_free, live_owner):
+        with pytest.raises(OwnershipError, match="holds list"):
+            look(run)
+
+
+def test_live_owner_names_a_manager_of_this_process(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with acquire(run) as lease:
+        owner = live_owner(os.path.join(tmp_path, "run", "..", "run"))
+        assert owner is not None and owner.token == lease.owner.token
+        with pytest.raises(OwnershipError, match="another manager or callback in this process"):
+            require_free(run)
+    assert live_owner(run) is None

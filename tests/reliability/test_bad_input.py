@@ -26,6 +26,8 @@ from artifex_ckpt import (
     Trainer,
     WeightsOnlyError,
     load_checkpoint,
+    save_checkpoint,
+    setup_checkpoint_manager,
 )
 from tests.training import batches, make_trainer, mse_loss
 
@@ -59,6 +61,11 @@ def _load(root: Path, step: Any, optimizer: bool = False, folder: str = "run") -
         load_checkpoint(manager, trainer.model, step, optimizer=opt)
 
 
+def _save_partial(directory: Path, template: str) -> None:
+    with MetricCheckpointManager(directory, filename=template) as manager:
+        manager.save(0, args=ocp.args.StandardSave({"w": np.zeros(2)}), partial="exception")
+
+
 def _load_into_other_architecture(root: Path) -> None:
     other = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
     with _manager(root) as manager:
@@ -75,6 +82,15 @@ CASES: dict[str, Case] = {
         lambda r: CheckpointConfig(dirpath=r / "a-file"), ConfigError, ("dirpath", "existing file")
     ),
     "dirpath empty": Case(lambda r: CheckpointConfig(dirpath=""), ConfigError, ("dirpath", "''")),
+    "dirpath with NUL": Case(
+        lambda r: CheckpointConfig(dirpath=f"{r}/run\0x"), ConfigError, ("NUL character",)
+    ),
+    "dirpath unknown scheme": Case(
+        lambda r: CheckpointConfig(dirpath="weird://x"), ConfigError, ("'weird://'", "gs://")
+    ),
+    "dirpath URL without bucket": Case(
+        lambda r: CheckpointConfig(dirpath="gs:///x"), ConfigError, ("names no bucket",)
+    ),
     "filename None": Case(lambda r: CheckpointConfig(filename=None), ConfigError, ("filename",)),  # type: ignore[arg-type]
     "monitor empty": Case(lambda r: CheckpointConfig(monitor=""), ConfigError, ("monitor", "''")),
     "mode median": Case(
@@ -116,6 +132,29 @@ CASES: dict[str, Case] = {
     ),
     "template positional": Case(
         lambda r: CheckpointConfig(filename="m-{epoch}-{}"), ConfigError, ("positional",)
+    ),
+    "template placeholders touch": Case(
+        lambda r: CheckpointConfig(filename="m-{epoch}{val_loss:.3f}"),
+        ConfigError,
+        ("touch", "separator"),
+    ),
+    "template with Orbax's suffix": Case(
+        lambda r: CheckpointConfig(filename="m-{epoch}.orbax-checkpoint-tmp"),
+        ConfigError,
+        ("temporary suffix",),
+    ),
+    "template with a conversion": Case(
+        lambda r: CheckpointConfig(filename="m-{epoch!r}"), ConfigError, ("conversion",)
+    ),
+    "template too long": Case(
+        lambda r: CheckpointConfig(filename="x" * 250 + "-{epoch}"),
+        ConfigError,
+        ("255-byte limit",),
+    ),
+    "template too long with a partial suffix": Case(
+        lambda r: _save_partial(r / "new", "x" * 219 + "-{epoch}-{val_loss:.3f}"),
+        ConfigError,
+        ("too long", "orbax-checkpoint-tmp", "shorten filename"),
     ),
     "template unreadable epoch": Case(
         lambda r: CheckpointConfig(filename="m-{epoch:>5}"), ConfigError, ("read back", "'>5'")
@@ -195,6 +234,34 @@ CASES: dict[str, Case] = {
         ConfigError,
         ("read-only",),
     ),
+    "settings edited by hand": Case(
+        lambda r: MetricCheckpointManager(r / "edited"), ConfigError, ("checksum", "edited")
+    ),
+    "settings edited by hand, reader": Case(
+        lambda r: setup_checkpoint_manager(r / "edited", read_only=True),
+        ConfigError,
+        ("artifex_ckpt.json", "checksum"),
+    ),
+    "setup read_only not a bool": Case(
+        lambda r: setup_checkpoint_manager(r / "run", read_only="yes"),  # type: ignore[arg-type]
+        ConfigError,
+        ("read_only='yes'", "None, True or False"),
+    ),
+    "setup read_only contradicts options": Case(
+        lambda r: setup_checkpoint_manager(
+            r / "run", read_only=False, options=ocp.CheckpointManagerOptions(read_only=True)
+        ),
+        ConfigError,
+        ("read_only=False", "options.read_only=True"),
+    ),
+    "trash is a file": Case(
+        lambda r: MetricCheckpointManager(r / "trash-file"), ConfigError, (".artifex-deleted",)
+    ),
+    "restore model without optimizer state": Case(
+        lambda r: _load(r, "latest", optimizer=True, folder="no-optimizer"),
+        ModelMismatchError,
+        ("no optimizer state", "without optimizer="),
+    ),
     "orbax option hiding metrics": Case(
         lambda r: MetricCheckpointManager(
             r / "run", options=ocp.CheckpointManagerOptions(lightweight_initialize=True)
@@ -217,12 +284,21 @@ CASES: dict[str, Case] = {
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run of two epochs, a weights-only run, and a plain file."""
+    """A run of two epochs, a weights-only run, a plain file, a run with hand-edited
+    settings, one with a file where the trash goes, and a checkpoint without optimizer."""
     base = tmp_path_factory.mktemp("prepared")
     make_trainer(epochs=2).fit(callbacks=[ModelCheckpoint(_config(base))])
     weights = CheckpointConfig(dirpath=base / "weights", filename=TEMPLATE, save_weights_only=True)
     make_trainer(epochs=2).fit(callbacks=[ModelCheckpoint(weights)])
     (base / "a-file").write_text("not a directory")
+    # A hand edit that would flip the ranking (and evict the true best): min -> max.
+    shutil.copytree(base / "run", base / "edited")
+    settings = base / "edited" / "artifex_ckpt.json"
+    settings.write_text(settings.read_text().replace('"min"', '"max"'))
+    shutil.copytree(base / "run", base / "trash-file")
+    (base / "trash-file" / ".artifex-deleted").write_text("a file in the trash's place")
+    with MetricCheckpointManager(base / "no-optimizer", filename=TEMPLATE) as manager:
+        save_checkpoint(manager, make_trainer(epochs=1).model, 0, metrics={"val_loss": 0.2})
     return base
 
 
@@ -234,8 +310,8 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def test_there_are_at_least_thirty_cases() -> None:
-    assert len(CASES) >= 30
+def test_there_are_at_least_fifty_cases() -> None:
+    assert len(CASES) >= 50
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
