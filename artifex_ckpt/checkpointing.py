@@ -27,6 +27,7 @@ from artifex_ckpt.errors import (
     ConfigError,
     CorruptCheckpointWarning,
     ModelMismatchError,
+    StepError,
     WeightsOnlyError,
 )
 from artifex_ckpt.history import Decision
@@ -273,10 +274,20 @@ def _candidates(manager: MetricCheckpointManager, step: StepSpec) -> list[int]:
     if step is None or step == "latest":
         found = steps
     elif step == "best":
+        # Best first, as best_step() ranks: finite scores that beat initial_value_threshold.
+        threshold = manager.settings.initial_value_threshold
+        ranking = manager.plan.ranking
         scores = {s: manager.score(s) for s in manager.ranked_steps()}
-        found = [s for s, v in scores.items() if v is not None and math.isfinite(v)]
+        found = [
+            s
+            for s, v in scores.items()
+            if v is not None
+            and math.isfinite(v)
+            and ranking is not None
+            and ranking.beats(v, threshold)
+        ]
     else:
-        raise ValueError(f"step={step!r} is not accepted; use an int, None, 'latest' or 'best'")
+        raise StepError(f"step={step!r} is not accepted; use an int, None, 'latest' or 'best'")
     if not found:
         what = (
             "checkpoint"

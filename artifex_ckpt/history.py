@@ -48,7 +48,7 @@ from rich.table import Table
 from rich.text import Text
 
 from artifex_ckpt.directory import absolute, is_local
-from artifex_ckpt.errors import ConfigError
+from artifex_ckpt.errors import CheckpointWarning, ConfigError
 from artifex_ckpt.validation import require_int
 
 __all__ = [
@@ -83,7 +83,7 @@ _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _Scalar = str | int | float | bool | None
 
 
-class HistoryWarning(UserWarning):
+class HistoryWarning(CheckpointWarning):
     """The decision history could not be written; training goes on without it."""
 
 

@@ -29,6 +29,7 @@ from orbax.checkpoint.path import step as step_lib
 
 from artifex_ckpt.history import Decision, DecisionHistory
 from artifex_ckpt.manifest import write_manifest
+from artifex_ckpt.plan import ManagerPlan
 from artifex_ckpt.validation import Mode
 
 __all__ = ["Committing", "Journal"]
@@ -74,6 +75,17 @@ class Journal:
         self._declined: list[tuple[int, float | None, float | None, float]] = []
         self._decisions: list[Decision] = []
 
+    @classmethod
+    def of(cls, plan: ManagerPlan) -> Journal:
+        """The journal of a writer's plan: history in its directory, its retention rule."""
+        settings = plan.settings
+        return cls(
+            DecisionHistory(plan.directory),
+            k=settings.save_top_k,
+            initial_value_threshold=settings.initial_value_threshold,
+            mode=settings.mode,
+        )
+
     def committing(self, entry: Committing) -> None:
         """A save started; recorded once it has committed."""
         with self._lock:
@@ -89,9 +101,9 @@ class Journal:
         with self._lock:
             self._decisions.append(decision)
 
-    def flush(self) -> None:
-        """Write manifests of committed saves and append every pending decision. Call when
-        no save is in flight."""
+    def flush(self) -> list[str]:
+        """Write manifests of committed saves and append every pending decision; returns what
+        went wrong (a manifest that could not be written). Call when no save is in flight."""
         with self._lock:
             committing, self._committing = self._committing, []
             declined, self._declined = self._declined, []
@@ -102,11 +114,15 @@ class Journal:
             )
             for step, score, kth, at in declined
         ]
+        problems = []
         for entry in committing:
             if not _committed(entry):
                 continue
             if self.manifests:
-                write_manifest(entry.path)
+                try:
+                    write_manifest(entry.path)
+                except Exception as err:  # the decisions below are recorded all the same
+                    problems.append(f"manifest of {entry.path} not written: {err}")
             below = self._failed_threshold(entry.score)
             out.append(
                 Decision.saved(
@@ -135,6 +151,7 @@ class Journal:
         for decision in sorted(out, key=lambda d: d.time):
             self.history.append(decision)
         self.history.flush()
+        return problems
 
     def _failed_threshold(self, score: float | None) -> float | None:
         """The threshold `score` does not beat (Keras: not considered at all), else None."""

@@ -44,9 +44,14 @@ from etils import epath
 from orbax.checkpoint.path import step as step_lib
 
 from artifex_ckpt.directory import is_local
-from artifex_ckpt.errors import CheckpointWarning, CorruptCheckpointWarning
+from artifex_ckpt.errors import (
+    CheckpointWarning,
+    CorruptCheckpointError,
+    CorruptCheckpointWarning,
+)
+from artifex_ckpt.manifest import ManifestCheck, verify
 
-__all__ = ["COMMIT_RECORD", "CheckedNameFormat", "commit_problem", "irregular"]
+__all__ = ["COMMIT_RECORD", "CheckedNameFormat", "commit_problem", "irregular", "require_intact"]
 
 # The file Orbax writes into every step directory when the save commits.
 COMMIT_RECORD = "_CHECKPOINT_METADATA"
@@ -97,6 +102,28 @@ def commit_problem(step_dir: epath.Path, step: int) -> str | None:
     except _READ_ERRORS as err:
         return f"{COMMIT_RECORD} cannot be read ({type(err).__name__}: {err})"
     return None if committed is not None else "it has no commit record"
+
+
+def require_intact(
+    step_dir: epath.Path, step: int, metrics_problem: str | None, *, deep: bool
+) -> ManifestCheck:
+    """Raise `CorruptCheckpointError` if `step_dir` has no readable commit record, if
+    `metrics_problem` says its metrics cannot be read, or if its files do not match their
+    manifest (sizes; checksums with `deep`). Returns the manifest check ("unverified" for a
+    checkpoint written before manifests existed)."""
+    problem = commit_problem(step_dir, step)
+    if problem is not None:
+        raise CorruptCheckpointError(f"checkpoint {step_dir} is not committed: {problem}")
+    if metrics_problem is not None:
+        raise CorruptCheckpointError(
+            f"checkpoint {step_dir} has unreadable metrics: {metrics_problem}"
+        )
+    check = verify(step_dir, deep=deep)
+    if check.status == "mismatch":
+        raise CorruptCheckpointError(
+            f"checkpoint {step_dir} does not match its manifest: {'; '.join(check.problems)}"
+        )
+    return check
 
 
 @dataclasses.dataclass(frozen=True)

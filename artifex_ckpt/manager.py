@@ -9,68 +9,40 @@ template, ranks NaN-safely, and tidies the directory after each save commits.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
-from orbax.checkpoint.path import step as step_lib
 
 from artifex_ckpt.agreement import shared_metrics
 from artifex_ckpt.config import CheckpointConfig
-from artifex_ckpt.directory import (
-    TrashPurger,
-    absolute,
-    is_local,
-    remove_unfinished,
-    require_writable,
-    write_atomic_text,
-)
-from artifex_ckpt.errors import (
-    CheckpointNotFoundError,
-    CheckpointSaveError,
-    CheckpointWarning,
-    ConfigError,
-    CorruptCheckpointError,
-    CorruptCheckpointWarning,
-    StepError,
-)
-from artifex_ckpt.history import Decision, DecisionHistory
+from artifex_ckpt.directory import TrashPurger, remove_unfinished, write_atomic_text
+from artifex_ckpt.errors import CheckpointNotFoundError, CheckpointSaveError, ConfigError, StepError
+from artifex_ckpt.history import Decision
 from artifex_ckpt.housekeeping import Housekeeper, Task
 from artifex_ckpt.journal import Committing, Journal
-from artifex_ckpt.listing import commit_problem, irregular
-from artifex_ckpt.manifest import DamagedManifestError, ManifestCheck, read_manifest, verify
-from artifex_ckpt.metrics import jsonable, monitored_value, normalise_metrics, to_float
-from artifex_ckpt.naming import PARTIAL_TAGS, PartialTag
-from artifex_ckpt.ownership import acquire, require_free
-from artifex_ckpt.plan import ManagerPlan, is_writer, plan_manager
-from artifex_ckpt.policies import (
-    PARTIAL_METRIC,
-    BestNByRank,
-    RankKey,
-    ScoredStep,
-    cadence_policy,
-    is_partial,
-    would_keep,
+from artifex_ckpt.listing import require_intact
+from artifex_ckpt.manifest import ManifestCheck
+from artifex_ckpt.metrics import (
+    jsonable,
+    monitored_value,
+    normalise_metrics,
+    standard_json,
+    to_float,
 )
+from artifex_ckpt.naming import PARTIAL_TAGS, PartialTag
+from artifex_ckpt.ownership import STALE_AFTER_S, Claim
+from artifex_ckpt.plan import ManagerPlan, cadence_options, open_plan
+from artifex_ckpt.policies import PARTIAL_METRIC, RetentionGate, is_partial
+from artifex_ckpt.scores import StoredScores
 from artifex_ckpt.settings import SETTINGS_FILE, RetentionSettings
 from artifex_ckpt.validation import Mode
 
 __all__ = ["MetricCheckpointManager"]
-
-_UNKNOWN: Any = object()
-# Where Orbax stores a step's metrics, relative to its directory.
-METRICS_FILE = "metrics/metrics"
-# A directory name's limit on common local file systems, in bytes.
-_NAME_MAX = 255
-# A writer whose heartbeat (every 30 s) stopped this long ago is presumed gone.
-STALE_AFTER_S = 300.0
 
 
 class MetricCheckpointManager(ocp.CheckpointManager):
@@ -82,12 +54,10 @@ class MetricCheckpointManager(ocp.CheckpointManager):
     the directory so that a manager opened later without them adopts them. Arguments left
     as None take the stored value, else the default shown in brackets.
 
-    One writer per directory: a manager that may write refuses, with an `OwnershipError`
-    naming the other run, to open a directory another live run (or manager of this
-    process) writes. A reader (`options=ocp.CheckpointManagerOptions(read_only=True)`, or
-    `setup_checkpoint_manager`'s default while another run writes) never writes, deletes or
-    moves anything. A damaged checkpoint (unreadable metrics or commit record) is listed and
-    warned about, never a reason for the directory not to open.
+    One writer per directory: a writer refuses (`OwnershipError`, naming the other run) a
+    directory another live run writes; a reader (`options=ocp.CheckpointManagerOptions(
+    read_only=True)`) never changes anything. A damaged checkpoint is listed and warned
+    about, never a reason for the directory not to open.
 
     Example:
         ```python
@@ -135,39 +105,17 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         retention: RetentionSettings | None = None,
         **orbax_kwargs: Any,
     ) -> None:
-        root = absolute(directory)
-        if root.exists() and not root.is_dir():
-            raise ConfigError(
-                f"directory {os.fspath(root)!r} is an existing file; pass a directory"
-            )
-        if not (options and options.read_only):
-            require_writable(root)
-        if is_writer(options, jax.process_index()):
-            # Another live writer is named first, before any settings it stored can conflict.
-            require_free(root, stale_after_s=STALE_AFTER_S)
         explicit = retention or dict(
             monitor=monitor, mode=mode, save_top_k=save_top_k, keep_last=keep_last,
             filename=filename,
         )  # fmt: skip
-        plan = plan_manager(
-            root,
-            RetentionSettings.load(root),
-            explicit,
-            options,
-            orbax_kwargs,
-            process_index=jax.process_index(),
-        )
-        purger = TrashPurger(root)
-        if plan.trash is not None and plan.is_writer:
-            purger.check()
+        plan = open_plan(directory, explicit, options, orbax_kwargs, stale_after_s=STALE_AFTER_S)
+        root = plan.directory
         # What `metrics` reads; Orbax's constructor calls it while scanning the directory.
         self._plan = plan
-        self._warned: set[int] = set()
+        self._scores = StoredScores(plan)
         # One writer per directory: refused here, before anything is written.
-        self._made = _missing_dirs(root) if plan.is_writer and is_local(root) else []
-        self._lease = (
-            acquire(root, stale_after_s=STALE_AFTER_S).keep_alive() if plan.is_writer else None
-        )
+        self._claim = Claim.take(root, stale_after_s=STALE_AFTER_S) if plan.is_writer else None
         try:
             super().__init__(root, options=plan.options, **plan.orbax_kwargs)
         except BaseException:
@@ -176,20 +124,12 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         self._report_listing()
         self._settings_unsaved = plan.settings_unsaved
         self._in_flight: int | None = None
-        self._entry_bar: RankKey | None = _UNKNOWN
-        self._verdict: tuple[int, float | None, bool] | None = None
+        self._gate = RetentionGate(plan.retention)
+        self._journal = Journal.of(plan) if plan.is_writer else None
         tasks: list[Task] = []
-        self._journal: Journal | None = None
-        if plan.is_writer:
-            if plan.trash is not None:
-                tasks.append(purger.finish)
-            settings = plan.settings
-            self._journal = Journal(
-                DecisionHistory(root),
-                k=settings.save_top_k,
-                initial_value_threshold=settings.initial_value_threshold,
-                mode=settings.mode,
-            )
+        if plan.is_writer and plan.trash is not None:
+            tasks.append(TrashPurger(root).finish)
+        if self._journal is not None:
             tasks.append(self._journal.flush)
         self._housekeeper = Housekeeper(tasks)
         if plan.cleans_leftovers:
@@ -203,20 +143,13 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         config: CheckpointConfig,
         *,
         options: ocp.CheckpointManagerOptions | None = None,
+        cadence: ocm.SaveDecisionPolicy | None = None,
         **orbax_kwargs: Any,
     ) -> MetricCheckpointManager:
-        """A manager for `ModelCheckpoint`'s config; its cadence becomes the save policy."""
-        options = options or ocp.CheckpointManagerOptions()
-        if options.save_decision_policy is not None:
-            raise ConfigError(
-                f"options.save_decision_policy={options.save_decision_policy!r} conflicts "
-                "with the config's cadence (every_n_epochs, every_n_train_steps, "
-                "train_time_interval); set the cadence in CheckpointConfig, or use "
-                "MetricCheckpointManager directly"
-            )
-        options = dataclasses.replace(
-            options, save_decision_policy=ocm.AnySavePolicy([cadence_policy(config)])
-        )
+        """A manager for `ModelCheckpoint`'s config; its cadence (`cadence`, the policy object
+        the callback also asks, else a new one) becomes the save policy (a caller's own
+        `save_decision_policy` is refused)."""
+        options = cadence_options(config, options, cadence)
         return cls(config.dirpath, options=options, retention=config.retention(), **orbax_kwargs)
 
     @property
@@ -257,8 +190,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         """
         if self._plan.read_only:
             raise ConfigError(f"the manager of {self.directory} is read-only; it cannot save")
-        if self._lease is not None:
-            self._lease.refresh()  # raises OwnershipError if another run took the directory
+        if self._claim is not None:
+            self._claim.refresh()  # raises OwnershipError if another run took the directory
         self._check_new_step(step)
         if partial is not None:
             if partial not in PARTIAL_TAGS:
@@ -266,15 +199,21 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             metrics, force = {PARTIAL_METRIC: 1.0}, True
         floats = normalise_metrics(metrics, None if partial else self._plan.settings.monitor)
         # Every decision below depends on the metrics: the primary host's decide for all.
-        floats = shared_metrics(floats, primary_host=self._plan.primary_host)
+        floats = shared_metrics(
+            floats,
+            primary_host=self._plan.primary_host,
+            processes=self._plan.options.multiprocessing_options.active_processes,
+        )
         if not force and not self.would_keep(step, floats):
             if self._journal is not None:
-                self._journal.declined(step, self._score(floats), kth=self._kth())
+                self._journal.declined(step, self._score(floats), kth=self._gate.kth())
             return False
         if callable(args):
             args = args()
         custom_metadata = jsonable(custom_metadata) if custom_metadata is not None else None
-        name = self._name(step, floats, epoch, global_step, partial)
+        name = self._plan.name_for(
+            step, floats, epoch=epoch, global_step=global_step, partial=partial
+        )
         self._prepare_directory()
         before = {info.step: info.metrics for info in self._infos()}
         try:
@@ -282,7 +221,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
                 step,
                 items,
                 save_kwargs,
-                metrics=_standard_json(floats),
+                metrics=standard_json(floats),
                 force=force,
                 args=args,
                 custom_metadata=custom_metadata,
@@ -290,23 +229,23 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         except OSError as err:
             # The step directory is created here (see `plan`): a read-only file system or a
             # vanished directory fails now, leaving no writer thread behind.
-            self._forget_name(step)
-            self.reload()
-            raise CheckpointSaveError(
-                f"saving checkpoint {name!r} (step {step}) in {self.directory} failed: "
-                f"{type(err).__name__}: {err}"
-            ) from err
+            raise self._failed(step, err) from err
         except BaseException:
             self._forget_name(step)
             raise
         finally:
-            self._entry_bar = _UNKNOWN
+            self._gate.forget()
         if not saved:
             self._forget_name(step)
             return False
         self._in_flight = step
         if self._journal is not None:
-            self._journal.committing(self._committing(step, name, floats, before))
+            score = self._score(floats)
+            ranked = self.ranked_steps()
+            rank = ranked.index(step) + 1 if step in ranked and score is not None else None
+            gone = sorted(before.keys() - set(self.all_steps()))
+            evicted = tuple((s, self._plan.step_name(s), self._score(before[s])) for s in gone)
+            self._journal.committing(Committing(step, self.directory / name, score, rank, evicted))
             self._housekeeper.after_save(self.is_saving_in_progress)
         return True
 
@@ -333,16 +272,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         value = None
         if metrics is not None and monitor is not None:
             value = to_float(monitor, monitored_value(metrics, monitor))
-        verdict = self._verdict
-        if verdict is not None and verdict[0] == step and verdict[1] == value:
-            return verdict[2]
-        candidate = ScoredStep(step, None if value is None or monitor is None else {monitor: value})
-        policy = self._plan.retention
-        if isinstance(policy, BestNByRank) and self._entry_bar is _UNKNOWN:
-            self._entry_bar = policy.entry_bar(self._infos())
-        keep = would_keep(policy, candidate, self._infos(), bar=self._entry_bar)
-        self._verdict = (step, value, keep)
-        return keep
+        return self._gate.admits(step, monitor, value, self._infos)
 
     def wait_until_finished(self) -> None:
         """Block until the pending save commits; a failed background save raises here.
@@ -354,13 +284,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         try:
             super().wait_until_finished()
         except Exception as err:
-            name = None if step is None else self._plan.step_name(step)
-            self._forget_name(step)
-            self.reload()
-            raise CheckpointSaveError(
-                f"saving checkpoint {name!r} (step {step}) in {self.directory} failed: "
-                f"{type(err).__name__}: {err}"
-            ) from err
+            self._housekeeper.join()  # nothing may touch the directory after it is given up
+            raise self._failed(step, err) from err
         self._housekeeper.finish()
 
     def close(self) -> None:
@@ -368,42 +293,32 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         the directory (its ownership, and the directory itself if this manager created it
         and wrote nothing)."""
         try:
-            super().close()
-            if self._journal is not None:
-                self._journal.history.close()
+            # Ours first: if the last save failed it raises, and Orbax's close (which waits
+            # again, now without error) still shuts its threads down below.
+            self.wait_until_finished()
         finally:
-            self._release()
+            try:
+                super().close()
+                if self._journal is not None:
+                    self._journal.history.close()
+            finally:
+                self._release()
 
     def _release(self) -> None:
-        if self._lease is None:
-            return
-        try:
-            self._lease.release()
-        except OSError as err:  # a file system turned read-only: the lease goes stale instead
-            warnings.warn(
-                CheckpointWarning(
-                    f"could not remove the lease file {self._lease.path} ({err}); another "
-                    f"writer takes it over once it is stale ({STALE_AFTER_S:g} s)"
-                ),
-                stacklevel=3,
-            )
-        self._lease = None
-        for made in self._made:  # deepest first; one that is not empty stays, with its parents
-            try:
-                made.rmdir()
-            except (OSError, ValueError):
-                break
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
 
     def reload(self) -> None:
         """Orbax's `reload`: read the directory again (after another process changed it)."""
         super().reload()
         self._report_listing()
-        self._entry_bar = _UNKNOWN
+        self._gate.forget()
 
     def delete(self, step: int) -> None:
         """Orbax's `delete` of one retained step."""
         super().delete(step)
-        self._entry_bar = _UNKNOWN
+        self._gate.forget()
 
     def restore(
         self,
@@ -425,20 +340,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         from the directory name when the template holds the monitor; otherwise the checkpoint
         is unscored (and so never evicted by rank). Either way it warns once, naming it. A
         checkpoint saved without metrics is unscored quietly."""
-        path = self.directory / self._plan.step_name(step)
-        problem = irregular(path / METRICS_FILE)
-        if problem is not None:
-            return self._metrics_from_name(step, f"cannot be read ({METRICS_FILE} {problem})")
-        try:
-            found = super().metrics(step)
-        except (ValueError, TypeError, OSError) as err:
-            return self._metrics_from_name(step, f"cannot be read ({err})")
-        if found is None:
-            return self._metrics_from_name(step, "are missing", quiet_if_unscored=not _had(path))
-        problem = _malformed(found, self._plan.settings.monitor)
-        if problem is not None:
-            return self._metrics_from_name(step, problem)
-        return found
+        return self._scores.read(step, super().metrics)
 
     def check_intact(self, step: int, *, deep: bool = False) -> ManifestCheck:
         """Raise `CorruptCheckpointError` if `step` lacks its commit record (or it is
@@ -450,25 +352,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         """
         self.wait_until_finished()
         path = self.step_path(step)
-        problem = commit_problem(path, step)
-        if problem is not None:
-            raise CorruptCheckpointError(f"checkpoint {path} is not committed: {problem}")
-        problem = irregular(path / METRICS_FILE)
-        if problem is None:
-            try:
-                super().metrics(step)
-            except (ValueError, TypeError, OSError) as err:
-                problem = f"cannot be read ({err})"
-        if problem is not None:
-            raise CorruptCheckpointError(
-                f"checkpoint {path} has unreadable metrics: {METRICS_FILE} {problem}"
-            )
-        check = verify(path, deep=deep)
-        if check.status == "mismatch":
-            raise CorruptCheckpointError(
-                f"checkpoint {path} does not match its manifest: {'; '.join(check.problems)}"
-            )
-        return check
+        metrics_problem = self._scores.readable(path, step, super().metrics)
+        return require_intact(path, step, metrics_problem, deep=deep)
 
     def record(self, decision: Decision) -> None:
         """Append `decision` to the run's history (the writer only; readers record nothing)."""
@@ -482,20 +367,12 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         ranking = self._plan.ranking
         if ranking is None:
             return self.latest_step()
-        ranked = ranking.ranked(self._infos())
-        if not ranked or (score := ranking.score(ranked[0].metrics)) is None:
-            return None
-        # As in Keras, nothing is best until it beats initial_value_threshold.
-        threshold = self._plan.settings.initial_value_threshold
-        return ranked[0].step if ranking.beats(score, threshold) else None
+        return ranking.best(self._infos(), self._plan.settings.initial_value_threshold)
 
     def ranked_steps(self) -> list[int]:
         """Retained steps that have a monitored value, best first (NaN and inf last)."""
         ranking = self._plan.ranking
-        if ranking is None:
-            return []
-        infos = [i for i in self._infos() if ranking.value(i.metrics) is not None]
-        return [info.step for info in ranking.ranked(infos)]
+        return [] if ranking is None else [i.step for i in ranking.ranked(self._infos(), True)]
 
     def score(self, step: int) -> float | None:
         """The monitored value stored with `step` (may be NaN), or None if it has none."""
@@ -511,94 +388,25 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         self._require_retained(step)
         return self.directory / self._plan.step_name(step)
 
-    def _name(
-        self,
-        step: int,
-        floats: Mapping[str, float] | None,
-        epoch: int | None,
-        global_step: int | None,
-        partial: PartialTag | None,
-    ) -> str:
-        names = self._plan.name_format
-        if names is None:
-            return self._plan.step_name(step)
-        counters = {"epoch": epoch, "step": global_step, names.template.key: step}
-        unscored = partial is not None or floats is None
-        name = names.template.render(
-            epoch=step if counters["epoch"] is None else counters["epoch"],
-            step=step if counters["step"] is None else counters["step"],
-            metrics=floats,
-            missing="none" if unscored else "raise",
-        )
-        name = name if partial is None else f"{name}-{partial}"
-        unfinished = name + step_lib.TMP_DIR_SUFFIX
-        if is_local(self.directory) and len(unfinished.encode()) > _NAME_MAX:
-            raise ConfigError(
-                f"checkpoint name {name!r} is too long: while it is written it is named "
-                f"{unfinished!r}, {len(unfinished.encode())} bytes, over the {_NAME_MAX}-byte "
-                f"limit of a directory name; shorten filename={names.template.template!r}"
-            )
-        names.remember(step, name)
-        return name
-
     def _score(self, metrics: Mapping[str, Any] | None) -> float | None:
         ranking = self._plan.ranking
         return None if ranking is None else ranking.value(metrics)
 
-    def _kth(self) -> float | None:
-        # The score a declined checkpoint had to beat: the k-th best retained one.
-        ranked = self.ranked_steps()
-        k = self._plan.settings.save_top_k
-        return self.score(ranked[k - 1]) if 0 < k <= len(ranked) else None
-
-    def _committing(
-        self,
-        step: int,
-        name: str,
-        floats: Mapping[str, float] | None,
-        before: Mapping[int, Any],
-    ) -> Committing:
-        gone = sorted(before.keys() - set(self.all_steps()))
-        ranked = self.ranked_steps()
-        score = self._score(floats)
-        rank = ranked.index(step) + 1 if step in ranked and score is not None else None
-        evicted = tuple((old, self._plan.step_name(old), self._score(before[old])) for old in gone)
-        return Committing(step, self.directory / name, score, rank, evicted)
+    def _failed(self, step: int | None, err: BaseException) -> CheckpointSaveError:
+        # The list is read again from disk: what the failed save would have evicted is back.
+        name = None if step is None else self._plan.step_name(step)
+        self._forget_name(step)
+        self.reload()
+        return CheckpointSaveError(
+            f"saving checkpoint {name!r} (step {step}) in {self.directory} failed: "
+            f"{type(err).__name__}: {err}"
+        )
 
     def _infos(self) -> Sequence[ocm.PolicyCheckpointInfo]:
         # Orbax's in-memory view of the directory (including a save in flight): the one list
         # of checkpoints, so best/latest/retention never disagree. Orbax has no public
         # accessor for it; this is the only private attribute read.
         return list(self._checkpoints)
-
-    def _metrics_from_name(
-        self, step: int, problem: str, *, quiet_if_unscored: bool = False
-    ) -> dict[str, float] | None:
-        plan = self._plan
-        monitor = plan.settings.monitor
-        name = plan.step_name(step)
-        parsed = plan.name_format.template.parse(name) if plan.name_format else None
-        recovered = (
-            {monitor: parsed[monitor]}
-            if parsed is not None and monitor is not None and monitor in parsed
-            else None
-        )
-        if recovered is None and quiet_if_unscored:
-            return None
-        if step not in self._warned:
-            self._warned.add(step)
-            outcome = (
-                f"its {monitor} ({next(iter(recovered.values()))}) is read from its name"
-                if recovered
-                else "it is treated as unscored and kept"
-            )
-            warnings.warn(
-                CorruptCheckpointWarning(
-                    f"metrics of checkpoint {plan.directory / name} {problem}; {outcome}"
-                ),
-                stacklevel=3,
-            )
-        return recovered
 
     def _report_listing(self) -> None:
         # Found while Orbax listed the directory, partly in its worker threads.
@@ -633,43 +441,3 @@ class MetricCheckpointManager(ocp.CheckpointManager):
     def _forget_name(self, step: int | None) -> None:
         if self._plan.name_format is not None and step is not None:
             self._plan.name_format.forget(step)
-
-
-def _standard_json(metrics: Mapping[str, float] | None) -> dict[str, float | str] | None:
-    # JSON has no NaN or infinity; "nan", "inf" and "-inf" read back through float().
-    if metrics is None:
-        return None
-    return {k: v if math.isfinite(v) else str(v) for k, v in metrics.items()}
-
-
-def _had(step_dir: epath.Path) -> bool:
-    """Whether `step_dir` was saved with metrics: its metrics item or its manifest says so."""
-    if (step_dir / "metrics").exists():
-        return True
-    try:
-        manifest = read_manifest(step_dir)
-    except (DamagedManifestError, OSError):
-        return False
-    return manifest is not None and any(e.path == METRICS_FILE for e in manifest.entries)
-
-
-def _malformed(found: object, monitor: str | None) -> str | None:
-    """What is wrong with stored metrics that parsed as JSON, or None."""
-    if not isinstance(found, dict):
-        return f"hold {type(found).__name__} {found!r:.60}, not an object"
-    if monitor is None or monitor not in found:
-        return None
-    value = found[monitor]
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if number or value in ("nan", "inf", "-inf"):
-        return None
-    return f"hold {monitor}={value!r:.60}, not a number"
-
-
-def _missing_dirs(directory: epath.Path) -> list[epath.Path]:
-    """`directory` and its ancestors that do not exist yet, deepest first."""
-    missing = []
-    while not directory.exists() and directory != directory.parent:
-        missing.append(directory)
-        directory = directory.parent
-    return missing

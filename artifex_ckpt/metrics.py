@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -11,7 +12,14 @@ import numpy as np
 
 from artifex_ckpt.errors import MetricError
 
-__all__ = ["is_scalar", "jsonable", "monitored_value", "normalise_metrics", "to_float"]
+__all__ = [
+    "is_scalar",
+    "jsonable",
+    "monitored_value",
+    "normalise_metrics",
+    "standard_json",
+    "to_float",
+]
 
 
 def to_float(name: str, value: object) -> float:
@@ -94,3 +102,11 @@ def jsonable(tree: Any) -> Any:
     if hasattr(tree, "tolist"):
         return tree.tolist()
     return tree
+
+
+def standard_json(metrics: Mapping[str, float] | None) -> dict[str, float | str] | None:
+    """`metrics` with NaN and infinities as the strings "nan", "inf" and "-inf": JSON has no
+    such numbers, and `float()` reads the strings back."""
+    if metrics is None:
+        return None
+    return {k: v if math.isfinite(v) else str(v) for k, v in metrics.items()}

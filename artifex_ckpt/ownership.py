@@ -102,6 +102,7 @@ __all__ = [
     "LEASE_FILE",
     "REFRESH_EVERY_S",
     "STALE_AFTER_S",
+    "Claim",
     "Lease",
     "OwnerInfo",
     "OwnershipError",
@@ -113,7 +114,7 @@ __all__ = [
 ]
 
 LEASE_FILE = "artifex_owner.json"
-STALE_AFTER_S = 900.0
+STALE_AFTER_S = 300.0
 # A refresh writes at most this often (and at least four times per stale_after_s).
 REFRESH_EVERY_S = 30.0
 # A lease is a few hundred bytes; anything far larger is not one.
@@ -478,6 +479,64 @@ def acquire(
         lease = Lease(root, store, owner, float(stale_after_s), key)
         claim.fill(lease)
     return lease
+
+
+class Claim:
+    """A writer's hold on a run directory: its lease (kept alive by a heartbeat), and the
+    directories created for it, which `release` removes again if nothing was written there.
+
+    Example:
+        ```python
+        import tempfile
+
+        root = epath.Path(tempfile.mkdtemp()) / "run"
+        claim = Claim.take(root, stale_after_s=300.0)
+        claim.release()
+        assert not root.exists()
+        ```
+    """
+
+    def __init__(self, lease: Lease, made: list[epath.Path]) -> None:
+        self.lease: Lease | None = lease
+        self._made = made
+
+    @classmethod
+    def take(cls, root: epath.Path, *, stale_after_s: float) -> Claim:
+        """Acquire `root` (see `acquire`), remembering which directories did not exist."""
+        made = []
+        if "://" not in os.fspath(root):
+            missing = root
+            while not missing.exists() and missing != missing.parent:
+                made.append(missing)
+                missing = missing.parent
+        return cls(acquire(root, stale_after_s=stale_after_s).keep_alive(), made)
+
+    def refresh(self) -> None:
+        """`Lease.refresh`: raises `OwnershipError` if another run took the directory."""
+        if self.lease is not None:
+            self.lease.refresh()
+
+    def release(self) -> None:
+        """Give the directory up. A lease that cannot be removed (the file system turned
+        read-only) warns: it goes stale instead. Idempotent."""
+        lease, self.lease = self.lease, None
+        if lease is None:
+            return
+        try:
+            lease.release()
+        except OSError as err:
+            warnings.warn(
+                CheckpointWarning(
+                    f"could not remove the lease file {lease.path} ({err}); another writer "
+                    f"takes it over once it is stale ({lease.stale_after_s:g} s)"
+                ),
+                stacklevel=3,
+            )
+        for made in self._made:  # deepest first; one that is not empty stays, with its parents
+            try:
+                made.rmdir()
+            except (OSError, ValueError):
+                break
 
 
 def require_free(

@@ -18,24 +18,33 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 from orbax.checkpoint.path import step as step_lib
 
-from artifex_ckpt.directory import TRASH, is_local
+from artifex_ckpt.directory import TRASH, TrashPurger, absolute, is_local, require_writable
 from artifex_ckpt.errors import ConfigError
 from artifex_ckpt.handlers import default_handler_registry
 from artifex_ckpt.listing import CheckedNameFormat
 from artifex_ckpt.naming import FilenameTemplate, TemplateNameFormat
-from artifex_ckpt.policies import MetricRanking, retention_policy
+from artifex_ckpt.ownership import require_free
+from artifex_ckpt.policies import MetricRanking, cadence_policy, retention_policy
 from artifex_ckpt.settings import RetentionSettings
 
-__all__ = ["ManagerPlan", "is_writer", "plan_manager"]
+if TYPE_CHECKING:
+    from artifex_ckpt.config import CheckpointConfig
+
+__all__ = ["ManagerPlan", "cadence_options", "is_writer", "open_plan", "plan_manager"]
+
+# A directory name's limit on common local file systems, in bytes.
+_NAME_MAX = 255
 
 # Retention and naming belong to the manager; an options object setting them too
 # would silently fight it.
@@ -82,6 +91,40 @@ class ManagerPlan:
     def cleans_leftovers(self) -> bool:
         """Whether this process removes unfinished saves itself (Orbax does on object stores)."""
         return self.is_writer and is_local(self.directory)
+
+    def name_for(
+        self,
+        step: int,
+        metrics: Mapping[str, float] | None,
+        *,
+        epoch: int | None = None,
+        global_step: int | None = None,
+        partial: str | None = None,
+    ) -> str:
+        """Render (and remember) the directory name of a new `step`: the template with the
+        counters and metrics (missing ones as "none" when the checkpoint is unscored), a
+        partial checkpoint's tag appended. Refuses, locally, a name that would not fit a
+        directory name while it is written (with Orbax's temporary suffix)."""
+        names = self.name_format
+        if names is None:
+            return self.step_name(step)
+        counters = {"epoch": epoch, "step": global_step, names.template.key: step}
+        name = names.template.render(
+            epoch=step if counters["epoch"] is None else counters["epoch"],
+            step=step if counters["step"] is None else counters["step"],
+            metrics=metrics,
+            missing="none" if partial is not None or metrics is None else "raise",
+        )
+        name = name if partial is None else f"{name}-{partial}"
+        unfinished = name + step_lib.TMP_DIR_SUFFIX
+        if is_local(self.directory) and len(unfinished.encode()) > _NAME_MAX:
+            raise ConfigError(
+                f"checkpoint name {name!r} is too long: while it is written it is named "
+                f"{unfinished!r}, {len(unfinished.encode())} bytes, over the {_NAME_MAX}-byte "
+                f"limit of a directory name; shorten filename={names.template.template!r}"
+            )
+        names.remember(step, name)
+        return name
 
     def step_name(self, step: int) -> str:
         """The directory name of a known step."""
@@ -160,6 +203,56 @@ def plan_manager(
         primary_host=primary,
         is_writer=is_writer(options, process_index),
         trash=directory / TRASH if own_trash and is_local(directory) else None,
+    )
+
+
+def open_plan(
+    directory: str | os.PathLike[str] | epath.Path,
+    explicit: Mapping[str, Any] | RetentionSettings,
+    options: ocp.CheckpointManagerOptions | None = None,
+    orbax_kwargs: Mapping[str, Any] | None = None,
+    *,
+    stale_after_s: float,
+) -> ManagerPlan:
+    """Look at `directory` once and plan a manager for it, writing nothing.
+
+    Refuses a path that is a file, an unwritable location (for a writer) and a directory
+    that another live run writes (for a writer: its owner is named before any settings it
+    stored can conflict); reads the stored settings; checks the trash of evicted steps.
+    """
+    root = absolute(directory)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"directory {os.fspath(root)!r} is an existing file; pass a directory")
+    if not (options and options.read_only):
+        require_writable(root)
+    process_index = jax.process_index()
+    if is_writer(options, process_index):
+        require_free(root, stale_after_s=stale_after_s)
+    stored = RetentionSettings.load(root)
+    plan = plan_manager(root, stored, explicit, options, orbax_kwargs, process_index=process_index)
+    if plan.trash is not None and plan.is_writer:
+        TrashPurger(root).check()
+    return plan
+
+
+def cadence_options(
+    config: CheckpointConfig,
+    options: ocp.CheckpointManagerOptions | None,
+    cadence: ocm.SaveDecisionPolicy | None = None,
+) -> ocp.CheckpointManagerOptions:
+    """`options` with the config's cadence (`cadence`, else `cadence_policy(config)`) as the
+    save decision policy. A caller's own policy is refused: the config's cadence decides when
+    `ModelCheckpoint` saves."""
+    options = options or ocp.CheckpointManagerOptions()
+    if options.save_decision_policy is not None:
+        raise ConfigError(
+            f"options.save_decision_policy={options.save_decision_policy!r} conflicts "
+            "with the config's cadence (every_n_epochs, every_n_train_steps, "
+            "train_time_interval); set the cadence in CheckpointConfig, or use "
+            "MetricCheckpointManager directly"
+        )
+    return dataclasses.replace(
+        options, save_decision_policy=ocm.AnySavePolicy([cadence or cadence_policy(config)])
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,7 @@ __all__ = [
     "Mode",
     "NewestN",
     "RetainedOnArrival",
+    "RetentionGate",
     "ScoredStep",
     "cadence_policy",
     "is_partial",
@@ -111,19 +112,33 @@ class MetricRanking:
             return score
         return math.inf if self.mode == "min" else -math.inf
 
-    def ranked(self, infos: Sequence[ocm.PolicyCheckpointInfo]) -> list[ocm.PolicyCheckpointInfo]:
-        """`infos` best first."""
+    def ranked(
+        self, infos: Sequence[ocm.PolicyCheckpointInfo], scored_only: bool = False
+    ) -> list[ocm.PolicyCheckpointInfo]:
+        """`infos` best first; with `scored_only`, those without a monitored value left out."""
+        if scored_only:
+            infos = [info for info in infos if self.value(info.metrics) is not None]
         return sorted(infos, key=self.key, reverse=True)
+
+    def best(
+        self, infos: Sequence[ocm.PolicyCheckpointInfo], threshold: float | None = None
+    ) -> int | None:
+        """The step of the best of `infos`; None if none has a finite score, or (as in
+        Keras) the best does not beat `threshold`."""
+        ranked = self.ranked(infos)
+        if not ranked or (score := self.score(ranked[0].metrics)) is None:
+            return None
+        return ranked[0].step if self.beats(score, threshold) else None
 
 
 @dataclass(frozen=True)
 class BestNByRank:
     """`PreservationPolicy` that keeps the `n` best checkpoints by a `MetricRanking`.
 
-        Unlike `ocp.checkpoint_managers.BestN`, ties keep the older checkpoint, NaN never
-        displaces a number, and unscored checkpoints are kept (a partial one, written mid-epoch,
-    only while it is the newest). `n=None` keeps every scored one.
-        With a `threshold`, only scores strictly better than it compete for the top n.
+    Unlike `ocp.checkpoint_managers.BestN`, ties keep the older checkpoint, NaN never
+    displaces a number, and unscored checkpoints are kept (a partial one, written mid-epoch,
+    only while it is the newest). `n=None` keeps every scored one. With a `threshold`, only
+    scores strictly better than it compete for the top n.
     """
 
     ranking: MetricRanking
@@ -175,6 +190,14 @@ class BestNByRank:
         if not self.ranking.beats(value, self.threshold):
             return False
         return bar is None or self.ranking.key_of(step, value) > bar
+
+    def bar_value(self, bar: RankKey | None) -> float | None:
+        """The score at `entry_bar` (the k-th best), or None when there is no bar."""
+        if bar is None or not math.isfinite(bar[1]):
+            return None
+        if not bar[0]:
+            return math.nan
+        return -bar[1] if self.ranking.mode == "min" else bar[1]
 
     def _competing_key(self, info: ocm.PolicyCheckpointInfo) -> RankKey | None:
         value = self.ranking.value(info.metrics)
@@ -247,6 +270,61 @@ def would_keep(
     return RetainedOnArrival(policy).should_save(candidate, checkpoints)
 
 
+class RetentionGate:
+    """Answers `would_keep` for a new newest checkpoint, cheaply enough for every eligible
+    epoch (B1): `BestNByRank`'s entry bar is computed once per change of the checkpoint list
+    (call `forget` after each change) and the last answer is reused for a repeated question.
+
+    Example:
+        ```python
+        gate = RetentionGate(BestNByRank(MetricRanking("val_loss", "min"), 1))
+        infos = [ScoredStep(0, {"val_loss": 0.5})]
+        assert not gate.admits(1, "val_loss", 0.9, lambda: infos)
+        assert gate.kth() == 0.5
+        ```
+    """
+
+    def __init__(self, policy: ocm.PreservationPolicy) -> None:
+        self.policy = policy
+        self._bar: RankKey | None = None
+        self._bar_known = False
+        self._last: tuple[int, float | None, bool] | None = None
+
+    def forget(self) -> None:
+        """The checkpoint list changed: compute the entry bar anew next time."""
+        self._bar_known = False
+        self._last = None
+
+    def admits(
+        self,
+        step: int,
+        monitor: str | None,
+        value: float | None,
+        infos: Callable[[], Sequence[ocm.PolicyCheckpointInfo]],
+    ) -> bool:
+        """Whether a checkpoint of `step` with monitored `value` would be kept; `infos`
+        lists the existing checkpoints (called only when needed)."""
+        last = self._last
+        if last is not None and last[0] == step and last[1] == value:
+            return last[2]
+        policy = self.policy
+        if isinstance(policy, BestNByRank) and not self._bar_known:
+            self._bar, self._bar_known = policy.entry_bar(infos()), True
+        metrics = None if value is None or monitor is None else {monitor: value}
+        existing: Sequence[ocm.PolicyCheckpointInfo] = (
+            () if isinstance(policy, BestNByRank) else infos()
+        )
+        keep = would_keep(policy, ScoredStep(step, metrics), existing, bar=self._bar)
+        self._last = (step, value, keep)
+        return keep
+
+    def kth(self) -> float | None:
+        """The score a declined checkpoint had to beat (the k-th best kept), if known."""
+        if not isinstance(self.policy, BestNByRank) or not self._bar_known:
+            return None
+        return self.policy.bar_value(self._bar)
+
+
 @dataclass(frozen=True)
 class EveryNEpochs:
     """`SaveDecisionPolicy`: steps `n-1, 2n-1, ...` are eligible (every n-th completed epoch)."""
@@ -267,16 +345,33 @@ class EveryNEpochs:
         return self.is_eligible(step.step) or context.reached_preemption
 
 
-@dataclass(frozen=True)
 class EveryInterval:
-    """`SaveDecisionPolicy`: save once `seconds` have passed since the newest checkpoint
-    (Lightning's `train_time_interval`). The first step of a run with no checkpoint saves."""
+    """`SaveDecisionPolicy` of Lightning's `train_time_interval`: save once `seconds` have
+    passed since the newest checkpoint.
 
-    seconds: float
+    The training loop reads its clock after each batch (`is_due`, by the primary host's clock
+    when there are several) and `grant`s the save it decided; Orbax's own check then agrees
+    instead of judging again by checkpoint times on each host's clock. Ungranted, it judges
+    by the checkpoints' times (a custom loop), and the first save of a run is due.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._granted = False
+
+    def __repr__(self) -> str:
+        return f"EveryInterval(seconds={self.seconds!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EveryInterval) and other.seconds == self.seconds
 
     def is_due(self, since_last: float) -> bool:
-        """The same decision as `should_save`, given seconds since the last save."""
+        """Whether `since_last` seconds complete the interval."""
         return since_last >= self.seconds
+
+    def grant(self) -> None:
+        """The caller decided that the next save is due."""
+        self._granted = True
 
     def should_save(
         self,
@@ -285,7 +380,8 @@ class EveryInterval:
         *,
         context: ocm.DecisionContext,
     ) -> bool:
-        if not previous_steps or context.reached_preemption:
+        granted, self._granted = self._granted, False
+        if granted or not previous_steps or context.reached_preemption:
             return True
         return self.is_due((step.time - previous_steps[-1].time).total_seconds())
 

@@ -14,7 +14,7 @@ the checkpoints that remain. Nothing is deleted: moving the directory back undoe
   marker goes first, so a crash midway leaves either the intact original plus a partial copy,
   or a complete copy plus an original that no manager lists as committed.
 
-It refuses (with `CheckpointError`) a name that is not a checkpoint directory of the run,
+It refuses (with `ConfigError`) a name that is not a checkpoint directory of the run,
 and a run whose writer is alive (its lease `artifex_owner.json`, see `artifex_ckpt.ownership`):
 moving a checkpoint under a running manager would race its saves and evictions. The move is
 recorded as a `quarantined` decision in the run's history (`artifex_history.jsonl`), best
@@ -36,7 +36,7 @@ from etils import epath
 from orbax.checkpoint.path import step as step_lib
 
 from artifex_ckpt.directory import TRASH, absolute, is_local
-from artifex_ckpt.errors import CheckpointError, CheckpointNotFoundError
+from artifex_ckpt.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from artifex_ckpt.history import HISTORY_FILE, Decision, DecisionHistory, HistoryWarning
 from artifex_ckpt.ownership import OwnershipError, read_owner
 from artifex_ckpt.plan import plan_manager
@@ -69,7 +69,7 @@ def quarantine(
     checked, then a delete (not atomic; see the module notes). Records a `quarantined`
     decision with `reason` in the run's history, best effort.
 
-    Raises `CheckpointError` when `name` is not a checkpoint directory of the run (a path
+    Raises `ConfigError` when `name` is not a checkpoint directory of the run (a path
     rather than a name, missing, a file, a symlink, hidden, an unfinished save, or a directory
     that no manager lists and that has no `_CHECKPOINT_METADATA`), and `OwnershipError` when
     a live run owns the directory.
@@ -99,7 +99,7 @@ def quarantine(
 
 def _checkpoint(root: epath.Path, name: object) -> tuple[epath.Path, int | None, str | None]:
     """The step directory `name` of `root`, its step (None if no manager lists it) and the
-    run's monitor; raises `CheckpointError` if `name` is not one."""
+    run's monitor; raises `ConfigError` if `name` is not one."""
     if (
         not isinstance(name, str)
         or not name
@@ -108,17 +108,17 @@ def _checkpoint(root: epath.Path, name: object) -> tuple[epath.Path, int | None,
         or os.sep in name
         or "\0" in name
     ):
-        raise CheckpointError(
+        raise ConfigError(
             f"{name!r} is not a checkpoint name: pass the name of a step directory directly "
             f"inside {os.fspath(root)}, such as 'model-03-0.1234', not a path"
         )
     if name.startswith("."):
-        raise CheckpointError(
+        raise ConfigError(
             f"{name!r} in {os.fspath(root)} is hidden: checkpoints never start with '.', the "
             f"library's own directories ({TRASH}, {QUARANTINE}) do"
         )
     if step_lib.TMP_DIR_SUFFIX in name:
-        raise CheckpointError(
+        raise ConfigError(
             f"{name!r} in {os.fspath(root)} is an unfinished save (Orbax's temporary suffix "
             f"{step_lib.TMP_DIR_SUFFIX!r}), not a checkpoint; the next writer removes it"
         )
@@ -130,7 +130,7 @@ def _checkpoint(root: epath.Path, name: object) -> tuple[epath.Path, int | None,
         return source, listed[name], monitor
     if (source / _STEP_MARKER).exists():
         return source, int(name) if name.isdigit() else None, monitor
-    raise CheckpointError(
+    raise ConfigError(
         f"{name!r} in {os.fspath(root)} is not a checkpoint directory: no manager lists it "
         f"and it has no {_STEP_MARKER}; checkpoints: {sorted(listed) or 'none'}"
     )
@@ -143,19 +143,19 @@ def _require_directory(root: epath.Path, source: epath.Path, listed: list[str]) 
         if source.is_dir():
             return
         if source.exists():
-            raise CheckpointError(f"{where} is an object, not a checkpoint directory")
+            raise ConfigError(f"{where} is an object, not a checkpoint directory")
         raise CheckpointNotFoundError(missing)
     try:
         mode = os.lstat(os.fspath(source)).st_mode
     except FileNotFoundError:
         raise CheckpointNotFoundError(missing) from None
     if stat.S_ISLNK(mode):
-        raise CheckpointError(
+        raise ConfigError(
             f"{where} is a symbolic link, not a checkpoint directory; remove the link itself "
             "(what it points to is not part of the run)"
         )
     if not stat.S_ISDIR(mode):
-        raise CheckpointError(f"{where} is {_kind(mode)}, not a checkpoint directory")
+        raise ConfigError(f"{where} is {_kind(mode)}, not a checkpoint directory")
 
 
 def _listed(root: epath.Path) -> tuple[RetentionSettings | None, dict[str, int]]:
@@ -198,8 +198,8 @@ def _targets(root: epath.Path, name: str) -> list[epath.Path]:
     return [pen / (name if n == 0 else f"{name}.{n}") for n in range(_MAX_SUFFIX)]
 
 
-def _full(root: epath.Path, name: str) -> CheckpointError:
-    return CheckpointError(
+def _full(root: epath.Path, name: str) -> ConfigError:
+    return ConfigError(
         f"{os.fspath(root / QUARANTINE)} already holds {_MAX_SUFFIX} copies of {name!r}; "
         "delete the ones you do not need"
     )
@@ -254,7 +254,7 @@ def _move_remote(root: epath.Path, source: epath.Path) -> epath.Path:
     fs.invalidate_cache()
     copied = _objects(fs, target_key)
     if copied != objects:
-        raise CheckpointError(
+        raise ConfigError(
             f"copying {os.fspath(source)} to {os.fspath(target)} did not reproduce it "
             f"({len(copied)} of {len(objects)} objects, or sizes differ); the original is "
             "untouched, the partial copy is left in the quarantine"

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
+from artifex_ckpt.agreement import primary_value
 from artifex_ckpt.callbacks.base import BaseCallback, Logs, ResumeFrom, ResumePoint, TrainerLike
 from artifex_ckpt.checkpointing import StepSpec, checkpoint_args, restore_checkpoint
 from artifex_ckpt.config import CheckpointConfig
@@ -30,6 +30,7 @@ from artifex_ckpt.history import Decision
 from artifex_ckpt.manager import MetricCheckpointManager
 from artifex_ckpt.metrics import is_scalar, to_float
 from artifex_ckpt.naming import PartialTag
+from artifex_ckpt.policies import EveryInterval, cadence_policy
 from artifex_ckpt.preemption import TrainingPreempted
 
 __all__ = ["ModelCheckpoint"]
@@ -72,6 +73,7 @@ class ModelCheckpoint(BaseCallback):
 
     __slots__ = (
         "_by_epoch",
+        "_cadence",
         "_every_steps",
         "_hosts",
         "_known_logs",
@@ -80,7 +82,6 @@ class ModelCheckpoint(BaseCallback):
         "_manager",
         "_manager_kwargs",
         "_resumed",
-        "_seconds",
         "_training",
         "_warned_monitor",
         "_writing",
@@ -92,7 +93,8 @@ class ModelCheckpoint(BaseCallback):
         self._manager_kwargs = manager_kwargs
         # The batch-end hook runs every step: its cadence test reads plain attributes only.
         self._every_steps = config.every_n_train_steps or 0
-        self._seconds = config.interval_seconds
+        # One policy object for the callback's test and Orbax's own check (time cadence).
+        self._cadence = cadence_policy(config)
         self._by_epoch = config.step_unit == "epoch"
         self._manager: MetricCheckpointManager | None = None
         self._writing = False
@@ -296,7 +298,7 @@ class ModelCheckpoint(BaseCallback):
         if read_only:
             options = kwargs.pop("options", None) or ocp.CheckpointManagerOptions()
             kwargs["options"] = dataclasses.replace(options, read_only=True)
-        return MetricCheckpointManager.from_config(self.config, **kwargs)
+        return MetricCheckpointManager.from_config(self.config, cadence=self._cadence, **kwargs)
 
     def _writer(self) -> MetricCheckpointManager:
         if not self._writing:
@@ -309,14 +311,15 @@ class ModelCheckpoint(BaseCallback):
 
     def _time_is_due(self) -> bool:
         now = time.monotonic()
-        assert self._seconds is not None
-        due = now - self._last_check >= self._seconds
+        assert isinstance(self._cadence, EveryInterval)
+        due = self._cadence.is_due(now - self._last_check)
         if self._hosts > 1:
             # Clocks differ between hosts, and a save that only some hosts start deadlocks:
             # the primary host's clock decides for all (as in Lightning).
-            due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+            due = primary_value(due, primary_host=0)
         if due:
             self._last_check = now
+            self._cadence.grant()  # Orbax's check agrees instead of judging by its own clock
         return due
 
     def _is_new(self, manager: MetricCheckpointManager, step: int) -> bool:
@@ -340,6 +343,11 @@ class ModelCheckpoint(BaseCallback):
             f"(CheckpointConfig(dirpath=<new>) with fit(resume={os.fspath(path)!r})), or "
             "move the newer checkpoints aside with `artifex-ckpt quarantine` and resume again"
         )
+
+    def close(self) -> None:
+        """Close the manager this callback opened (a reader, after properties were read);
+        the next property read opens a new one. Training closes its writer itself."""
+        self._finish_writing()
 
     def _finish_writing(self) -> None:
         # Wait for the last save (raising if it failed), then give the directory up: after
