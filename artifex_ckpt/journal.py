@@ -1,7 +1,7 @@
 """The writer's journal: what happens after a save commits, and the decisions to record.
 
-`save` tells the journal what it started (`committing`) or declined (`declined`) in a few
-hundred nanoseconds; the slow parts wait for the housekeeper, which runs `flush` once the
+`save` tells the journal what it started (`started`) or declined (`declined`) in a few
+microseconds; the slow parts wait for the housekeeper, which runs `flush` once the
 save has committed: a manifest of sizes and checksums is written into the new checkpoint,
 and the saved, evicted and not-saved decisions are appended to the run's history. A save that
 failed has no committed directory, so it gets neither (its error is raised by
@@ -11,8 +11,15 @@ after it commits.
 
 Example:
     ```python
-    journal = Journal(DecisionHistory("/tmp/journal-run"), k=3)
-    journal.declined(4, 0.9, kth=0.5)
+    import tempfile
+
+    from etils import epath
+
+    from artifex_ckpt.plan import plan_manager
+
+    plan = plan_manager(epath.Path(tempfile.mkdtemp()), None, {"save_top_k": 3})
+    journal = Journal.of(plan)
+    journal.declined(4, {"val_loss": 0.9}, kth=0.5)
     journal.flush()
     assert journal.history.read()[-1].kind == "not_saved"
     ```
@@ -22,7 +29,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from etils import epath
 from orbax.checkpoint.path import step as step_lib
@@ -58,6 +67,7 @@ class Journal:
 
     def __init__(
         self,
+        plan: ManagerPlan,
         history: DecisionHistory,
         *,
         k: int,
@@ -65,6 +75,7 @@ class Journal:
         initial_value_threshold: float | None = None,
         mode: Mode = "min",
     ) -> None:
+        self._plan = plan
         self.history = history
         self.k = k
         self.manifests = manifests
@@ -80,21 +91,43 @@ class Journal:
         """The journal of a writer's plan: history in its directory, its retention rule."""
         settings = plan.settings
         return cls(
+            plan,
             DecisionHistory(plan.directory),
             k=settings.save_top_k,
             initial_value_threshold=settings.initial_value_threshold,
             mode=settings.mode,
         )
 
-    def committing(self, entry: Committing) -> None:
-        """A save started; recorded once it has committed."""
+    def started(
+        self,
+        step: int,
+        name: str,
+        metrics: Mapping[str, float] | None,
+        before: Mapping[int, Mapping[str, Any] | None],
+        ranked: Sequence[int],
+        retained: Sequence[int],
+    ) -> None:
+        """A save of `step` (directory `name`) started; recorded once it has committed.
+        `before` are the metrics of the checkpoints retained before it, `ranked` and
+        `retained` the steps after it (so the evicted ones are known)."""
+        score = self._score(metrics)
+        rank = ranked.index(step) + 1 if step in ranked and score is not None else None
+        gone = sorted(before.keys() - set(retained))
+        evicted = tuple((s, self._plan.step_name(s), self._score(before[s])) for s in gone)
+        entry = Committing(step, self._plan.directory / name, score, rank, evicted)
         with self._lock:
             self._committing.append(entry)
 
-    def declined(self, step: int, score: float | None, *, kth: float | None) -> None:
+    def declined(
+        self, step: int, metrics: Mapping[str, float] | None, *, kth: float | None
+    ) -> None:
         """A checkpoint of `step` was not written: it would not enter the top k."""
         with self._lock:
-            self._declined.append((step, score, kth, time.time()))
+            self._declined.append((step, self._score(metrics), kth, time.time()))
+
+    def _score(self, metrics: Mapping[str, Any] | None) -> float | None:
+        ranking = self._plan.ranking
+        return None if ranking is None else ranking.value(metrics)
 
     def record(self, decision: Decision) -> None:
         """Any other decision (restored, skipped as corrupt, ...), written at the next flush."""

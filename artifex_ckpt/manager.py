@@ -1,11 +1,6 @@
-"""`MetricCheckpointManager`: Orbax's `CheckpointManager` with metric-ranked top-k retention.
-
-Everything Orbax can do is configured through `CheckpointManagerOptions`, built beforehand by
-`plan_manager`. The subclass overrides `metrics`, which Orbax calls back into while scanning
-the directory, and otherwise wraps Orbax's public methods from the outside: it converts
-metrics once, skips saves that retention would delete at once, names step directories by a
-template, ranks NaN-safely, and tidies the directory after each save commits.
-"""
+"""`MetricCheckpointManager`: Orbax's `CheckpointManager` with metric-ranked top-k retention,
+configured by a plan built beforehand (`plan.py`) and wrapping Orbax's public methods from the
+outside (docs/design.md explains the shape)."""
 
 from __future__ import annotations
 
@@ -24,7 +19,7 @@ from artifex_ckpt.directory import TrashPurger, remove_unfinished, write_atomic_
 from artifex_ckpt.errors import CheckpointNotFoundError, CheckpointSaveError, ConfigError, StepError
 from artifex_ckpt.history import Decision
 from artifex_ckpt.housekeeping import Housekeeper, Task
-from artifex_ckpt.journal import Committing, Journal
+from artifex_ckpt.journal import Journal
 from artifex_ckpt.listing import require_intact
 from artifex_ckpt.manifest import ManifestCheck
 from artifex_ckpt.metrics import (
@@ -206,7 +201,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         )
         if not force and not self.would_keep(step, floats):
             if self._journal is not None:
-                self._journal.declined(step, self._score(floats), kth=self._gate.kth())
+                self._journal.declined(step, floats, kth=self._gate.kth())
             return False
         if callable(args):
             args = args()
@@ -240,12 +235,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             return False
         self._in_flight = step
         if self._journal is not None:
-            score = self._score(floats)
-            ranked = self.ranked_steps()
-            rank = ranked.index(step) + 1 if step in ranked and score is not None else None
-            gone = sorted(before.keys() - set(self.all_steps()))
-            evicted = tuple((s, self._plan.step_name(s), self._score(before[s])) for s in gone)
-            self._journal.committing(Committing(step, self.directory / name, score, rank, evicted))
+            self._journal.started(step, name, floats, before, self.ranked_steps(), self.all_steps())
             self._housekeeper.after_save(self.is_saving_in_progress)
         return True
 
@@ -387,10 +377,6 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         """The directory of a retained step (it exists once the save has committed)."""
         self._require_retained(step)
         return self.directory / self._plan.step_name(step)
-
-    def _score(self, metrics: Mapping[str, Any] | None) -> float | None:
-        ranking = self._plan.ranking
-        return None if ranking is None else ranking.value(metrics)
 
     def _failed(self, step: int | None, err: BaseException) -> CheckpointSaveError:
         # The list is read again from disk: what the failed save would have evicted is back.

@@ -7,6 +7,8 @@ back from each directory name, so a manager reopened on the directory rebuilds i
 step-to-name cache from disk. A template is checked when it is built, by rendering
 extreme values and reading them back, so that a name can never be written that the next
 run could not find.
+
+`TemplateNameFormat` is the Orbax `NameFormat` that lists a run directory by those names.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import math
 import operator
 import os
 import re
+import shlex
 import string
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,10 +29,11 @@ from typing import Literal
 from etils import epath
 from orbax.checkpoint.path import step as step_lib
 
-from artifex_ckpt.errors import ConfigError, MetricError, StepError
+from artifex_ckpt.errors import CheckpointWarning, ConfigError, MetricError, StepError
 from artifex_ckpt.metrics import to_float
 
 __all__ = [
+    "NAME_BUDGET",
     "PARTIAL_TAGS",
     "FilenameTemplate",
     "Key",
@@ -46,6 +51,14 @@ Missing = Literal["raise", "none"]
 
 MAX_NAME_BYTES = 255
 """Longest directory name, in UTF-8 bytes, that common filesystems (ext4, APFS, NTFS) allow."""
+TMP_SUFFIX_BYTES = len(step_lib.TMP_DIR_SUFFIX.encode())
+"""What Orbax appends to a step's name while it is written: `.orbax-checkpoint-tmp`, 21 bytes.
+(orbax-checkpoint 0.12.8 appends no timestamp: `atomicity._get_tmp_directory`.)"""
+PARTIAL_TAG_BYTES = max(len(f"-{tag}".encode()) for tag in PARTIAL_TAGS)
+"""What a partial checkpoint appends to its name: `-preempted` or `-exception`, 10 bytes."""
+NAME_BUDGET = MAX_NAME_BYTES - TMP_SUFFIX_BYTES - PARTIAL_TAG_BYTES
+"""Longest rendered name, in UTF-8 bytes (224): a partial checkpoint's name while Orbax writes
+it, `<name>-preempted.orbax-checkpoint-tmp`, must still fit in `MAX_NAME_BYTES`."""
 FIXED_POINT_CHARS = 24
 """A metric whose formatted text is longer than this (or than the spec's width) is written
 in scientific notation instead, so 1e300 under `.4f` does not become a 300-digit name."""
@@ -53,6 +66,8 @@ MISSING = "none"
 """What `render(..., missing="none")` writes for a metric that was not given."""
 
 _UNSAFE = re.compile(r"[^\w.=+@,%-]")
+# Separate directories (on POSIX or Windows); never accepted in a template's literal text.
+_SEPARATORS = ("/", "\\")
 _RESERVED = ("epoch", "step")
 _KEYS = frozenset(_RESERVED)
 _DEFAULT_PRECISION = 4
@@ -151,8 +166,14 @@ class FilenameTemplate:
     The template is refused with `ConfigError` when it is built unless every name it can
     render reads back: the counters 0, 7, 12345 and 10**9 exactly, and metrics (0, ±1,
     ±1e300, ±1e-300, nan, ±inf, a missing metric, ...) as the spec wrote them, in at
-    most 255 bytes (UTF-8), never hidden (starting with `.`) and never looking like an
+    most 224 bytes (UTF-8; `NAME_BUDGET`: 255 less Orbax's temporary suffix and a
+    `-preempted` tag), never hidden (starting with `.`) and never looking like an
     unfinished Orbax save.
+
+    Placeholders' values are made safe (`val/loss` is written `val_loss`), and so is the
+    literal text, by the same rule (`safe_name`: a space is written `_`), except that
+    literal text must not contain a directory separator (`/` or `\\`): such a template
+    is refused.
 
     Example:
         ```python
@@ -454,6 +475,18 @@ def _pattern(pieces: tuple[_Piece, ...]) -> tuple[re.Pattern[str], dict[str, str
 
 
 def _check_literals(template: str, pieces: tuple[_Piece, ...]) -> None:
+    for piece in pieces:
+        separator = next((c for c in _SEPARATORS if c in piece.literal), None)
+        if separator is not None:
+            # Written as "_", it would make one directory, not the nested ones the template
+            # shows, and a checkpoint looked for under the template's text is never found.
+            raise ConfigError(
+                f"filename template {template!r} has {separator!r} in its literal text "
+                f"{piece.literal!r}; placeholders' values are made safe ('val/loss' is "
+                "written 'val_loss'), but literals must not contain '/' or '\\', which "
+                "separate directories: a checkpoint is one directory directly in the run "
+                f"directory. Use '-' or '_' instead, e.g. {_without_separators(pieces)!r}"
+            )
     text = safe_name("".join(p.literal for p in pieces))
     if pieces[0].literal.startswith("."):
         raise ConfigError(
@@ -467,6 +500,19 @@ def _check_literals(template: str, pieces: tuple[_Piece, ...]) -> None:
             f"{step_lib.TMP_DIR_SUFFIX!r}, so its checkpoints would look unfinished; "
             "choose another name"
         )
+
+
+def _without_separators(pieces: tuple[_Piece, ...]) -> str:
+    """The template with every directory separator in its literal text replaced by '-'."""
+    out = []
+    for piece in pieces:
+        literal = piece.literal
+        for separator in _SEPARATORS:
+            literal = literal.replace(separator, "-")
+        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        if piece.field is not None:
+            out.append(piece.shown)
+    return "".join(out)
 
 
 def _check_read_back(template: str, key: str, compiled: _Compiled) -> None:
@@ -557,7 +603,8 @@ def _same(got: float | None, expected: float | None) -> bool:
 
 
 def _check_length(template: str, pieces: tuple[_Piece, ...]) -> None:
-    """Refuse templates whose longest name (every field at its longest) exceeds the limit."""
+    """Refuse templates whose longest name (every field at its longest) exceeds
+    `NAME_BUDGET`, so that even a partial checkpoint's name while Orbax writes it fits."""
     total = 0
     longest: list[tuple[int, str]] = []
     for piece in pieces:
@@ -574,17 +621,48 @@ def _check_length(template: str, pieces: tuple[_Piece, ...]) -> None:
         size = max(sizes)
         total += size
         longest.append((size, f"{piece.shown} writes {size} for {samples[sizes.index(size)]!r}"))
-    if total > MAX_NAME_BYTES:
+    if total > NAME_BUDGET:
         worst = ", ".join(text for _, text in sorted(longest, reverse=True)[:3])
+        longest_tag = max(PARTIAL_TAGS, key=lambda tag: len(tag.encode()))
         raise ConfigError(
-            f"filename template {template!r} renders names of up to {total} bytes ({worst}), "
-            f"over the {MAX_NAME_BYTES}-byte limit of a directory name (UTF-8); shorten the "
-            "literal text, drop placeholders or use shorter specs such as '.3e'"
+            f"filename template {template!r} renders names of up to {total} bytes ({worst}); "
+            f"a name must fit in {NAME_BUDGET} bytes (UTF-8), leaving room for Orbax's "
+            f"temporary suffix {step_lib.TMP_DIR_SUFFIX!r} ({TMP_SUFFIX_BYTES} bytes) and a "
+            f"-{longest_tag} tag ({PARTIAL_TAG_BYTES} bytes) within the {MAX_NAME_BYTES}-byte "
+            "limit of a directory name; shorten the literal text, drop placeholders or use "
+            "shorter specs such as '.3e'"
         )
 
 
 def _named_final(path: epath.Path) -> bool:
     return step_lib.TMP_DIR_SUFFIX not in path.name
+
+
+def _leads_back(link: str, root: str) -> bool:
+    """Whether a local symbolic link leads to the run directory `root` (a real path), into
+    it, or to one of its parents: then it is no checkpoint of its own."""
+    target = os.path.realpath(link)
+    try:
+        common = os.path.commonpath([target, root])
+    except ValueError:  # different drives (Windows): not related
+        return False
+    return common in (target, root)
+
+
+def _quarantine_commands(base: epath.Path, paths: list[epath.Path]) -> str:
+    run = shlex.quote(os.fspath(base))
+    return " or ".join(f"`artifex-ckpt quarantine {run} {shlex.quote(p.name)}`" for p in paths)
+
+
+def _listed_together(paths: list[epath.Path]) -> str:
+    names = [repr(p.name) for p in paths]
+    return f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+@dataclass(frozen=True)
+class _Found:
+    path: epath.Path
+    link: bool
 
 
 class TemplateNameFormat(step_lib.NameFormat[step_lib.Metadata]):
@@ -593,8 +671,15 @@ class TemplateNameFormat(step_lib.NameFormat[step_lib.Metadata]):
     Orbax's `build_name(step)` receives only the step, so the name rendered at save
     time is remembered here (`remember`), and rebuilt from disk by `find_all` when a
     directory is opened: a directory's step is its template's key placeholder
-    (`FilenameTemplate.parse_step`). Unfinished `*.orbax-checkpoint-tmp-*` directories
+    (`FilenameTemplate.parse_step`). Unfinished `*.orbax-checkpoint-tmp` directories
     are ignored.
+
+    Locally, a symbolic link named like a checkpoint is listed when it leads out of the run
+    directory (a checkpoint moved to another disk and linked back), and ignored when it
+    leads to the run directory, into it or above it (`ck-7-0.100 -> .`). A link that reads
+    as the same step as a real directory is ignored with a `CheckpointWarning` naming both;
+    two real directories of one step raise `StepError` (Orbax would count them as one
+    checkpoint and delete both), with the `artifex-ckpt quarantine` command that fixes it.
 
     Example:
         ```python
@@ -607,6 +692,8 @@ class TemplateNameFormat(step_lib.NameFormat[step_lib.Metadata]):
     def __init__(self, template: FilenameTemplate) -> None:
         self.template = template
         self._names: dict[int, str] = {}
+        # Orbax lists a directory again after every save; each ignored link is told once.
+        self._warned: set[str] = set()
 
     def __str__(self) -> str:
         return f"TemplateNameFormat({self.template.template!r}, key={self.template.key!r})"
@@ -644,24 +731,27 @@ class TemplateNameFormat(step_lib.NameFormat[step_lib.Metadata]):
         # On a local disk a save commits by renaming away the temporary suffix, so the
         # name tells; Orbax's general check costs ~1 ms per directory (B5 in the benchmarks).
         local = "://" not in os.fspath(base)
-        seen: dict[int, epath.Path] = {}
+        root = os.path.realpath(os.fspath(base)) if local else ""
+        found: dict[int, list[_Found]] = {}
         for path in base.iterdir():
             step = self.step_of(path.name)
-            # A symlink (say `ck-7 -> .`) is not a checkpoint of this run, whatever its name.
-            if step is None or (local and os.path.islink(path)) or not path.is_dir():
+            if step is None:
+                continue
+            link = local and os.path.islink(path)
+            # Listed, `ck-7 -> .` would pass for the newest checkpoint, though it is the run
+            # itself; a link that leads out (a step moved to another disk) is a checkpoint.
+            if (link and _leads_back(os.fspath(path), root)) or not path.is_dir():
                 continue
             finalized = _named_final(path) if local else step_lib.is_path_finalized(path)
-            if not finalized:
-                continue
-            if step in seen:
-                # Orbax would count both as one step and delete both on eviction.
-                raise StepError(
-                    f"{seen[step].name!r} and {path.name!r} in {base} both read as step "
-                    f"{step} under template {self.template.template!r}; move one away"
-                )
-            seen[step] = path
-            self._names[step] = path.name
-            yield step_lib.Metadata(step=step, path=path)
+            if finalized:
+                found.setdefault(step, []).append(_Found(path, link))
+        # All read before any is handed out: a link and a directory of one step may come
+        # in either order.
+        for step, entries in sorted(found.items()):
+            path = self._choose(base, step, entries)
+            if path is not None:
+                self._names[step] = path.name
+                yield step_lib.Metadata(step=step, path=path)
 
     def find_step(self, base_path: epath.PathLike, step: int) -> step_lib.Metadata:
         base = epath.Path(base_path)
@@ -672,3 +762,46 @@ class TemplateNameFormat(step_lib.NameFormat[step_lib.Metadata]):
             if metadata.step == step:
                 return metadata
         raise ValueError(f"no committed checkpoint for step {step} under {base}")
+
+    def _choose(self, base: epath.Path, step: int, entries: list[_Found]) -> epath.Path | None:
+        """The one directory of `step`, None if only ambiguous links claim it."""
+        real = sorted((e.path for e in entries if not e.link), key=lambda p: p.name)
+        links = sorted((e.path for e in entries if e.link), key=lambda p: p.name)
+        template = repr(self.template.template)
+        if len(real) > 1:
+            both, other = ("both", "the other") if len(real) == 2 else ("all", "the others")
+            raise StepError(
+                f"{_listed_together(real)} in {os.fspath(base)} {both} read as step {step} "
+                f"under template {template}, so the run cannot be opened: Orbax would count "
+                "them as one checkpoint and delete them all when it is evicted. Keep the one "
+                f"that is step {step} of this run and move {other} aside with "
+                f"{_quarantine_commands(base, real)} (it is moved into the run's "
+                ".artifex-quarantine directory, not deleted), then open the run again"
+            )
+        if real:
+            for link in links:
+                self._warn(
+                    link,
+                    f"{os.fspath(link)} is a symbolic link to {os.path.realpath(link)} and "
+                    f"reads as step {step}, as does the checkpoint directory "
+                    f"{os.fspath(real[0])}; the link is ignored and {real[0].name!r} is step "
+                    f"{step}. Remove the link (what it leads to is not touched) to silence this",
+                )
+            return real[0]
+        if len(links) > 1:
+            both, neither = ("both", "neither") if len(links) == 2 else ("all", "none")
+            for link in links:
+                self._warn(
+                    link,
+                    f"the symbolic links {_listed_together(links)} in {os.fspath(base)} "
+                    f"{both} read as step {step} under template {template}; {neither} is "
+                    f"listed, since any could be step {step}: remove those that are not "
+                    f"({os.fspath(link)} leads to {os.path.realpath(link)})",
+                )
+            return None
+        return links[0]
+
+    def _warn(self, link: epath.Path, message: str) -> None:
+        if os.fspath(link) not in self._warned:
+            self._warned.add(os.fspath(link))
+            warnings.warn(CheckpointWarning(message), stacklevel=4)

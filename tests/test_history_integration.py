@@ -14,6 +14,7 @@ import matplotlib.image
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 from flax import nnx
 from matplotlib.figure import Figure
 from rich.console import Console
@@ -39,6 +40,7 @@ from artifex_ckpt.history import (
     to_json_line,
 )
 from artifex_ckpt.journal import Journal
+from artifex_ckpt.plan import plan_manager
 from artifex_ckpt.plot import PlotData, Series, draw_history, plot_data
 from artifex_ckpt.trainer import Trainer
 from tests.conftest import TinyMLP, step_dirs
@@ -326,11 +328,12 @@ def test_why_tells_why_a_checkpoint_was_kept_and_how_it_went(
 
 
 def test_the_journal_names_a_threshold_that_was_not_beaten(tmp_path: Path) -> None:
-    history = DecisionHistory(tmp_path)
-    journal = Journal(history, k=2, initial_value_threshold=0.45, mode="min")
-    journal.declined(0, 0.5, kth=None)
-    journal.declined(1, 0.4, kth=0.3)
+    settings = {"save_top_k": 2, "initial_value_threshold": 0.45}
+    journal = Journal.of(plan_manager(epath.Path(tmp_path), None, settings))
+    journal.declined(0, {"val_loss": 0.5}, kth=None)
+    journal.declined(1, {"val_loss": 0.4}, kth=0.3)
     journal.flush()
+    history = DecisionHistory(tmp_path)
     first, second = history.read()
     assert (first.details.get("threshold"), second.details.get("threshold")) == (0.45, None)
     text = explain("m", [Decision.not_saved(0, 0.5, k=2, kth=None, threshold=0.45, name="m")])

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import re
+import shlex
+import shutil
+import warnings
 from pathlib import Path
 
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from orbax.checkpoint.path import step as step_lib
 
-from artifex_ckpt import ConfigError, FilenameTemplate, MetricError, StepError
-from artifex_ckpt.naming import TemplateNameFormat, safe_name
+from artifex_ckpt import (
+    ConfigError,
+    FilenameTemplate,
+    MetricCheckpointManager,
+    MetricError,
+    StepError,
+)
+from artifex_ckpt.cli import main as cli_main
+from artifex_ckpt.errors import CheckpointWarning
+from artifex_ckpt.naming import NAME_BUDGET, PARTIAL_TAGS, TemplateNameFormat, safe_name
 
 SEED_TEMPLATES = [
     "model-{epoch:02d}-{val_loss:.4f}",
@@ -96,11 +112,48 @@ def test_zero_padded_nan_reads_back() -> None:
 
 
 def test_metric_names_with_slash_and_at_render_one_directory() -> None:
-    template = FilenameTemplate("m/{epoch:03d}-{val/loss:.3f}-{acc@1:.2f}")
+    template = FilenameTemplate("m {epoch:03d}-{val/loss:.3f}-{acc@1:.2f}")
     name = template.render(epoch=7, metrics={"val/loss": 0.5, "acc@1": 0.25})
     assert name == "m_007-0.500-0.25"
     assert "/" not in name
     assert template.parse(name) == {"epoch": 7, "val/loss": 0.5, "acc@1": 0.25}
+
+
+@pytest.mark.parametrize(
+    ("template", "character", "fixed"),
+    [
+        ("m-{epoch}/x", "/", "m-{epoch}-x"),
+        ("runs/{val/loss:.3f}-{epoch:02d}", "/", "runs-{val/loss:.3f}-{epoch:02d}"),
+        ("m\\{epoch}", "\\", "m-{epoch}"),
+    ],
+)
+def test_a_directory_separator_in_literal_text_is_refused(
+    template: str, character: str, fixed: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        FilenameTemplate(template)
+    message = str(info.value)
+    for words in (
+        repr(template),
+        f"has {character!r} in its literal text",
+        "placeholders' values are made safe",
+        "literals must not contain '/'",
+        repr(fixed),
+    ):
+        assert words in message, (words, message)
+    FilenameTemplate(fixed)  # the suggestion is accepted
+
+
+def test_other_unsafe_literal_characters_are_written_safe_and_found_again(
+    tmp_path: Path,
+) -> None:
+    template = FilenameTemplate("run {epoch:02d} (val?loss={val_loss:.2f}):")
+    name = template.render(epoch=3, metrics={"val_loss": 0.5})
+    assert name == "run_03__val_loss=0.50__"
+    (tmp_path / name).mkdir()
+    found = [(m.step, m.path.name) for m in TemplateNameFormat(template).find_all(tmp_path)]
+    assert found == [(3, name)]
+    assert template.parse(name) == {"epoch": 3, "val_loss": 0.5}
 
 
 def test_step_placeholder_is_the_global_step() -> None:
@@ -231,11 +284,12 @@ BAD_TEMPLATES = [
     ("m-{epoch}.orbax-checkpoint-tmp-1", "epoch", ["temporary suffix", "unfinished"]),
     ("m-{epoch}-" + "x" * 243, "epoch", ["256 bytes", "{epoch} writes 10", "255-byte limit"]),
     (
-        "m-{epoch}-{val_loss:.4f}-" + "x" * 222,
+        "m-{epoch}-{val_loss:.4f}-" + "x" * 191,
         "epoch",
-        ["{val_loss:.4f} writes 24", "255-byte limit", "'.3e'"],
+        ["{val_loss:.4f} writes 24", "fit in 224 bytes", "'.3e'"],
     ),
-    ("\u00e9" * 123 + "-{epoch}", "epoch", ["257 bytes", "UTF-8"]),
+    ("\u00e9" * 107 + "-{epoch}", "epoch", ["225 bytes", "UTF-8"]),
+    ("m-{epoch}/x", "epoch", ["'/'", "literal text", "'m-{epoch}-x'"]),
 ]
 
 
@@ -264,15 +318,56 @@ def test_not_a_template_or_key(template: object, key: object, words: list[str]) 
         assert word in str(info.value), (word, str(info.value))
 
 
-def test_byte_limit_counts_utf8_and_accepts_exactly_255() -> None:
-    # 244 bytes of text + "-" + a ten-digit epoch (10**9) = 255 bytes.
-    ascii_edge = FilenameTemplate("x" * 244 + "-{epoch}")
-    assert len(ascii_edge.render(epoch=10**9).encode()) == 255
-    unicode_edge = FilenameTemplate("\u00e9" * 122 + "-{epoch}")
+def test_byte_budget_is_255_less_orbax_suffix_and_longest_partial_tag() -> None:
+    # Read from the installed Orbax: 0.12.8 writes "<name>.orbax-checkpoint-tmp", no timestamp.
+    assert step_lib.TMP_DIR_SUFFIX == ".orbax-checkpoint-tmp"
+    longest_tag = max(len(f"-{tag}".encode()) for tag in PARTIAL_TAGS)
+    assert longest_tag == len(b"-preempted") == len(b"-exception") == 10
+    assert NAME_BUDGET == 255 - 21 - 10 == 224
+
+
+def test_byte_limit_counts_utf8_and_accepts_exactly_the_budget() -> None:
+    # 213 bytes of text + "-" + a ten-digit epoch (10**9) = 224 bytes.
+    ascii_edge = FilenameTemplate("x" * 213 + "-{epoch}")
+    assert len(ascii_edge.render(epoch=10**9).encode()) == 224
+    unicode_edge = FilenameTemplate("\u00e9" * 106 + "x-{epoch}")
     name = unicode_edge.render(epoch=10**9)
-    assert len(name) == 133 and len(name.encode()) == 255
-    with pytest.raises(ConfigError, match="256 bytes"):
-        FilenameTemplate("x" * 245 + "-{epoch}")
+    assert len(name) == 118 and len(name.encode()) == 224
+    with pytest.raises(ConfigError) as info:
+        FilenameTemplate("x" * 214 + "-{epoch}")
+    message = str(info.value)
+    for words in (
+        "225 bytes",
+        "must fit in 224 bytes",
+        "leaving room for Orbax's temporary suffix '.orbax-checkpoint-tmp' (21 bytes)",
+        "a -preempted tag (10 bytes)",
+        "255-byte limit",
+    ):
+        assert words in message, (words, message)
+
+
+@pytest.mark.parametrize("tag", PARTIAL_TAGS)
+def test_longest_partial_name_is_written_by_orbax_and_found_again(tmp_path: Path, tag: str) -> None:
+    if os.pathconf(tmp_path, "PC_NAME_MAX") != 255:
+        pytest.skip("the temporary directory's filesystem does not allow 255-byte names")
+    root = tmp_path / "run"
+    template = "x" * 213 + "-{epoch}"
+    name = FilenameTemplate(template).render(epoch=10**9) + f"-{tag}"
+    # While Orbax writes it, the directory is named exactly 255 bytes; one more is refused.
+    assert len((name + step_lib.TMP_DIR_SUFFIX).encode()) == 255
+    with pytest.raises(OSError) as too_long:
+        (tmp_path / ("y" + name + step_lib.TMP_DIR_SUFFIX)).mkdir()
+    assert too_long.value.errno == errno.ENAMETOOLONG
+    weights = np.arange(3, dtype=np.float32)
+    with MetricCheckpointManager(root, filename=template, save_top_k=-1) as manager:
+        args = ocp.args.StandardSave({"w": weights})
+        manager.save(10**9, args=args, metrics={"val_loss": 0.5}, partial=tag)
+        manager.wait_until_finished()
+    assert [p.name for p in root.iterdir() if p.is_dir()] == [name]
+    with MetricCheckpointManager(root) as reopened:
+        assert reopened.all_steps() == [10**9] and reopened.is_partial(10**9)
+        restored = reopened.restore(10**9, args=ocp.args.StandardRestore({"w": np.zeros(3)}))
+    np.testing.assert_array_equal(restored["w"], weights)
 
 
 def test_unicode_metric_names_and_literals_are_kept() -> None:
@@ -304,7 +399,8 @@ def test_name_format_finds_steps_by_the_key(tmp_path: Path) -> None:
     for name in [
         "ckpt-000100-0.5000",
         "ckpt-000200-none",
-        "ckpt-000300-0.1000.orbax-checkpoint-tmp-1712",  # unfinished
+        "ckpt-000300-0.1000.orbax-checkpoint-tmp",  # unfinished (Orbax 0.12.8: no timestamp)
+        "ckpt-000350-0.1000.orbax-checkpoint-tmp-1712",  # unfinished (older Orbax)
         "ckpt-000400-0.5000.bak",  # a copy
     ]:
         (tmp_path / name).mkdir()
@@ -320,8 +416,145 @@ def test_name_format_refuses_two_directories_of_one_step(tmp_path: Path) -> None
     template = FilenameTemplate("m-{epoch:02d}-{val_loss:.2f}")
     (tmp_path / "m-03-0.50").mkdir()
     (tmp_path / "m-03-0.90").mkdir()
-    with pytest.raises(StepError, match=r"both read as step 3"):
+    (tmp_path / "m-03-0.70").mkdir()
+    with pytest.raises(StepError) as info:
         list(TemplateNameFormat(template).find_all(tmp_path))
+    message = str(info.value)
+    assert "'m-03-0.50', 'm-03-0.70' and 'm-03-0.90'" in message
+    assert f"in {tmp_path} all read as step 3" in message
+    for name in ("m-03-0.50", "m-03-0.70", "m-03-0.90"):
+        assert f"`artifex-ckpt quarantine {shlex.quote(str(tmp_path))} {name}`" in message
+
+
+def _save(manager: MetricCheckpointManager, step: int, loss: float) -> None:
+    args = ocp.args.StandardSave({"w": np.full(3, step, np.float32)})
+    manager.save(step, args=args, metrics={"val_loss": loss})
+
+
+def test_two_directories_of_one_step_name_both_and_the_quarantine_that_fixes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "my run"  # a space, so the command must quote it
+    with MetricCheckpointManager(
+        root, filename="m-{epoch:02d}-{val_loss:.2f}", save_top_k=-1
+    ) as manager:
+        _save(manager, 2, 0.6)
+        _save(manager, 3, 0.5)
+    shutil.copytree(root / "m-03-0.50", root / "m-03-0.90")  # a copy, renamed by hand
+    with pytest.raises(StepError) as info:
+        MetricCheckpointManager(root)
+    message = str(info.value)
+    assert f"'m-03-0.50' and 'm-03-0.90' in {root} both read as step 3" in message
+    commands = re.findall(r"`(artifex-ckpt quarantine [^`]+)`", message)
+    assert commands == [
+        f"artifex-ckpt quarantine '{root}' m-03-0.50",
+        f"artifex-ckpt quarantine '{root}' m-03-0.90",
+    ]
+    # The command, run as given, fixes the run.
+    assert cli_main(shlex.split(commands[1])[1:]) == 0
+    capsys.readouterr()
+    assert (root / ".artifex-quarantine" / "m-03-0.90").is_dir()
+    with MetricCheckpointManager(root) as manager:
+        assert manager.all_steps() == [2, 3] and manager.step_path(3).name == "m-03-0.50"
+
+
+# --- symbolic links ----------------------------------------------------------------------
+
+LINKED = FilenameTemplate("m-{epoch:02d}-{val_loss:.2f}")
+
+
+def _steps(names: TemplateNameFormat, root: Path) -> list[tuple[int, str]]:
+    return sorted((m.step, m.path.name) for m in names.find_all(root))
+
+
+def test_a_checkpoint_moved_to_another_disk_and_linked_back_is_listed_and_restores(
+    tmp_path: Path,
+) -> None:
+    root, disk = tmp_path / "run", tmp_path / "other-disk"
+    disk.mkdir()
+    with MetricCheckpointManager(root, filename=LINKED.template, save_top_k=-1) as manager:
+        _save(manager, 0, 0.5)
+        _save(manager, 1, 0.9)
+    shutil.move(root / "m-00-0.50", disk / "m-00-0.50")
+    os.symlink(disk / "m-00-0.50", root / "m-00-0.50")
+    assert _steps(TemplateNameFormat(LINKED), root) == [(0, "m-00-0.50"), (1, "m-01-0.90")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with MetricCheckpointManager(root) as manager:
+            assert manager.all_steps() == [0, 1] and manager.best_step() == 0
+            restored = manager.restore(0, args=ocp.args.StandardRestore({"w": np.ones(3)}))
+    np.testing.assert_array_equal(restored["w"], np.zeros(3, np.float32))
+    assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize(
+    ("link", "target"),
+    [
+        ("m-07-0.10", "."),  # the run itself: a loop
+        ("m-08-0.10", ".."),  # above the run
+        ("m-09-0.10", "m-00-0.50"),  # into the run: a second name for a step
+        ("m-06-0.10", "nested/deeper"),  # into the run, below it
+    ],
+)
+def test_a_link_into_or_above_the_run_is_skipped(tmp_path: Path, link: str, target: str) -> None:
+    root = tmp_path / "run"
+    (root / "m-00-0.50").mkdir(parents=True)
+    (root / "nested" / "deeper").mkdir(parents=True)
+    os.symlink(target, root / link)
+    names = TemplateNameFormat(LINKED)
+    assert _steps(names, root) == [(0, "m-00-0.50")]
+    # Spelled through a link of its own, the run is still recognised.
+    os.symlink(root, tmp_path / "alias")
+    assert _steps(names, tmp_path / "alias") == [(0, "m-00-0.50")]
+
+
+@pytest.mark.parametrize("link", ["m-03-0.10", "m-03-0.90"], ids=["sorts first", "sorts last"])
+def test_a_link_reading_as_a_real_directorys_step_is_skipped_with_a_warning(
+    tmp_path: Path, link: str
+) -> None:
+    root, disk = tmp_path / "run", tmp_path / "other-disk"
+    (root / "m-03-0.50").mkdir(parents=True)
+    (disk / "copy").mkdir(parents=True)
+    os.symlink(disk / "copy", root / link)
+    names = TemplateNameFormat(LINKED)
+    with pytest.warns(CheckpointWarning) as caught:
+        assert _steps(names, root) == [(3, "m-03-0.50")]
+    [message] = [str(w.message) for w in caught]
+    assert str(root / link) in message and str(root / "m-03-0.50") in message
+    assert str(disk / "copy") in message and "reads as step 3" in message
+    assert "Remove the link" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # told once per format, not at every listing
+        assert _steps(names, root) == [(3, "m-03-0.50")]
+    assert names.build_name(3) == "m-03-0.50"
+
+
+def test_a_run_with_a_link_of_a_real_step_still_opens(tmp_path: Path) -> None:
+    root, disk = tmp_path / "run", tmp_path / "other-disk"
+    with MetricCheckpointManager(root, filename=LINKED.template, save_top_k=-1) as manager:
+        _save(manager, 3, 0.5)
+    shutil.copytree(root / "m-03-0.50", disk / "m-03-0.90")
+    os.symlink(disk / "m-03-0.90", root / "m-03-0.90")
+    with pytest.warns(CheckpointWarning, match=r"m-03-0\.90 is a symbolic link.*m-03-0\.50"):
+        manager = MetricCheckpointManager(root)
+    with manager:
+        assert manager.all_steps() == [3] and manager.step_path(3).name == "m-03-0.50"
+
+
+def test_two_links_of_one_step_are_neither_listed(tmp_path: Path) -> None:
+    root, disk = tmp_path / "run", tmp_path / "other-disk"
+    for name in ("a", "b"):
+        (disk / name).mkdir(parents=True)
+    (root / "m-01-0.50").mkdir(parents=True)
+    os.symlink(disk / "a", root / "m-03-0.50")
+    os.symlink(disk / "b", root / "m-03-0.90")
+    with pytest.warns(CheckpointWarning) as caught:
+        assert _steps(TemplateNameFormat(LINKED), root) == [(1, "m-01-0.50")]
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    for message in messages:
+        assert "'m-03-0.50' and 'm-03-0.90'" in message and "neither is listed" in message
+    assert str(disk / "a") in messages[0] and str(disk / "b") in messages[1]
 
 
 # --- properties --------------------------------------------------------------------------
@@ -333,7 +566,7 @@ values = st.floats(allow_nan=True, allow_infinity=True, width=32)
 
 
 @given(
-    prefix=st.text(alphabet="ab-_/ =", max_size=4),
+    prefix=st.text(alphabet="ab-_/\\ =:?", max_size=4),
     epoch_spec=st.sampled_from(["", "d", "02d", "04d", "3d"]),
     metric=metric_names,
     value=values,
@@ -345,10 +578,14 @@ def test_epoch_round_trips_through_rendered_name(
     template_text = f"{prefix}x{{epoch:{epoch_spec}}}-{{{metric}:.3f}}"
     try:
         template = FilenameTemplate(template_text)
-    except ValueError:
-        # "3d" pads with spaces, which cannot be read back: refused at construction.
-        assert epoch_spec == "3d"
+    except ValueError as err:
+        # A directory separator in literal text is refused; so is "3d", which pads with
+        # spaces that cannot be read back.
+        separator = "/" in prefix or "\\" in prefix
+        assert separator or epoch_spec == "3d", str(err)
+        assert not separator or "literals must not contain '/'" in str(err)
         return
+    assert "/" not in prefix and "\\" not in prefix
     name = template.render(epoch=epoch, metrics={metric: value})
     assert "/" not in name and name == safe_name(name)
     assert template.parse_epoch(name) == epoch
@@ -368,7 +605,8 @@ metric_values = st.one_of(
     key_spec=st.sampled_from(["", "d", "03d", "06d"]),
     other_spec=st.sampled_from(["", "d", "03d", "06d", None]),
     specs=st.lists(st.sampled_from([".4f", ".2e", ".3g", ".1%", ""]), min_size=1, max_size=3),
-    separator=st.sampled_from(["-", "_", "-loss", "="]),
+    # " ", ": " and "?" are written "_" and "__": parse reads the rewritten literal.
+    separator=st.sampled_from(["-", "_", "-loss", "=", " ", ": ", "?"]),
     counters=st.tuples(st.integers(0, 10**12), st.integers(0, 10**12)),
     data=st.data(),
 )
@@ -395,6 +633,7 @@ def test_render_then_parse_reads_back_key_exactly_and_metrics_as_written(
         missing="none",
     )
     assert len(name.encode()) <= 255
+    assert name == safe_name(name)
     parsed = template.parse(name)
     assert parsed is not None, name
     assert template.parse_step(name) == counters[0] == parsed[key]

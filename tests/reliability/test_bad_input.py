@@ -154,7 +154,7 @@ CASES: dict[str, Case] = {
     "template too long with a partial suffix": Case(
         lambda r: _save_partial(r / "new", "x" * 219 + "-{epoch}-{val_loss:.3f}"),
         ConfigError,
-        ("too long", "orbax-checkpoint-tmp", "shorten filename"),
+        ("fit in 224 bytes", "orbax-checkpoint-tmp", "-preempted tag"),
     ),
     "template unreadable epoch": Case(
         lambda r: CheckpointConfig(filename="m-{epoch:>5}"), ConfigError, ("read back", "'>5'")
