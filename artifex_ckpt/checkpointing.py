@@ -8,7 +8,9 @@ a standard Orbax checkpoint.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -25,12 +27,14 @@ from artifex_ckpt.data_state import DATA_ITEM, data_restore_args, data_save_args
 from artifex_ckpt.errors import (
     CheckpointNotFoundError,
     ConfigError,
+    CorruptCheckpointError,
     CorruptCheckpointWarning,
     ModelMismatchError,
     StepError,
     WeightsOnlyError,
 )
 from artifex_ckpt.history import Decision
+from artifex_ckpt.listing import irregular
 from artifex_ckpt.manager import STALE_AFTER_S, MetricCheckpointManager
 from artifex_ckpt.metrics import jsonable
 from artifex_ckpt.ownership import OwnershipError, live_owner
@@ -48,6 +52,8 @@ __all__ = [
 logger = logging.getLogger("artifex_ckpt")
 
 MODEL, OPTIMIZER, TRAINER_STATE = "model", "optimizer", "trainer_state"
+# The file in which Orbax's JSON handler stores an item.
+_JSON_FILE = "metadata"
 StepSpec = int | Literal["latest", "best"] | None
 
 
@@ -177,11 +183,18 @@ def save_checkpoint(
 
 def read_trainer_state(manager: MetricCheckpointManager, step: int) -> dict[str, Any]:
     """The JSON `trainer_state` item of `step` (epoch, global_step, logs, weights_only)."""
-    if not (manager.step_path(step) / TRAINER_STATE).exists():
+    item = manager.step_path(step) / TRAINER_STATE
+    if not item.exists():
         # Written by a custom loop without our helpers: a full-state checkpoint.
         return {"epoch": step, "global_step": step, "weights_only": False}
-    restored = manager.restore(step, args=ocp.args.Composite(trainer_state=ocp.args.JsonRestore()))
-    return dict(restored[TRAINER_STATE])
+    # Orbax's JSON item is one file: read directly rather than through a second restore.
+    problem = irregular(item / _JSON_FILE)
+    if problem is not None:
+        raise CorruptCheckpointError(f"{item / _JSON_FILE} {problem}")
+    state = json.loads((item / _JSON_FILE).read_text())
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{item / _JSON_FILE} holds {type(state).__name__}")
+    return state
 
 
 def load_checkpoint(
@@ -307,8 +320,39 @@ def _restore_into(
     deep: bool,
     data_iterator: object = None,
 ) -> dict[str, Any]:
-    manager.check_intact(step, deep=deep)
-    info = read_trainer_state(manager, step)
+    # Cheap checks first (commit record, metrics, sizes): most damage stops here. The
+    # checksums are then read beside the restore (the same bytes, from the page cache), and
+    # nothing is applied to the model before both have succeeded.
+    manager.check_intact(step)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        intact = pool.submit(manager.check_intact, step, deep=deep)
+        try:
+            info = read_trainer_state(manager, step)
+            model_state, optimizer_state, restored = _restore_items(
+                manager, step, model, optimizer, info, data_iterator
+            )
+        except Exception as err:
+            damage = intact.exception()
+            if damage is not None and not isinstance(err, WeightsOnlyError):
+                raise damage from err  # damage explains the failure (and names the file)
+            raise
+        intact.result()
+    nnx.replace_by_pure_dict(model_state, restored[MODEL])
+    nnx.update(model, model_state)
+    if optimizer is not None and optimizer_state is not None:
+        nnx.replace_by_pure_dict(optimizer_state, restored[OPTIMIZER])
+        nnx.update(optimizer, optimizer_state)
+    return info
+
+
+def _restore_items(
+    manager: MetricCheckpointManager,
+    step: int,
+    model: nnx.Module,
+    optimizer: nnx.Optimizer | None,
+    info: Mapping[str, Any],
+    data_iterator: object,
+) -> tuple[nnx.State, nnx.State | None, Any]:
     weights_only = bool(info.get("weights_only", False))
     if optimizer is not None and weights_only:
         raise WeightsOnlyError(
@@ -317,23 +361,24 @@ def _restore_into(
         )
     model_state = _model_state(model, weights_only)
     targets = {MODEL: nnx.to_pure_dict(model_state)}
+    optimizer_state = None
     if optimizer is not None:
         optimizer_state = nnx.state(optimizer)
         targets[OPTIMIZER] = nnx.to_pure_dict(optimizer_state)
-    _require_fit(manager, step, targets)
     items: dict[str, ocp.args.CheckpointArgs] = {
         name: ocp.args.StandardRestore(target) for name, target in targets.items()
     }
     data = data_restore_args(data_iterator)
     if data is not None and has_data_state(manager.step_path(step)):
         items[DATA_ITEM] = data
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    nnx.replace_by_pure_dict(model_state, restored[MODEL])
-    nnx.update(model, model_state)
-    if optimizer is not None:
-        nnx.replace_by_pure_dict(optimizer_state, restored[OPTIMIZER])
-        nnx.update(optimizer, optimizer_state)
-    return info
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception:
+        # Only now is the fit examined: a model of another shape is the caller's mistake
+        # (ModelMismatchError), not damage; anything else goes on as it was.
+        _require_fit(manager, step, targets)
+        raise
+    return model_state, optimizer_state, restored
 
 
 def _require_fit(manager: MetricCheckpointManager, step: int, targets: Mapping[str, Any]) -> None:

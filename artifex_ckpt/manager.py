@@ -56,10 +56,9 @@ class MetricCheckpointManager(ocp.CheckpointManager):
 
     Example:
         ```python
-        import orbax.checkpoint as ocp
-        from artifex_ckpt import MetricCheckpointManager
-
         import tempfile
+
+        import orbax.checkpoint as ocp
 
         with MetricCheckpointManager(tempfile.mkdtemp(), monitor="val_loss", save_top_k=2,
                                      filename="ckpt-{epoch:03d}-{val_loss:.3f}") as mgr:
@@ -109,7 +108,6 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         # What `metrics` reads; Orbax's constructor calls it while scanning the directory.
         self._plan = plan
         self._scores = StoredScores(plan)
-        # One writer per directory: refused here, before anything is written.
         self._claim = Claim.take(root, stale_after_s=STALE_AFTER_S) if plan.is_writer else None
         try:
             super().__init__(root, options=plan.options, **plan.orbax_kwargs)
@@ -127,8 +125,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         if self._journal is not None:
             tasks.append(self._journal.flush)
         self._housekeeper = Housekeeper(tasks)
-        if plan.cleans_leftovers:
-            # Leftovers of a crashed run go now, so the directory is clean before a save.
+        if plan.cleans_leftovers:  # a crashed run's leftovers go before anything is saved
             remove_unfinished(root)
         self._housekeeper.finish()
 
@@ -141,9 +138,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         cadence: ocm.SaveDecisionPolicy | None = None,
         **orbax_kwargs: Any,
     ) -> MetricCheckpointManager:
-        """A manager for `ModelCheckpoint`'s config; its cadence (`cadence`, the policy object
-        the callback also asks, else a new one) becomes the save policy (a caller's own
-        `save_decision_policy` is refused)."""
+        """A manager for `ModelCheckpoint`'s config; its cadence (`cadence`: the callback's
+        policy object) is the save policy (a caller's own one is refused)."""
         options = cadence_options(config, options, cadence)
         return cls(config.dirpath, options=options, retention=config.retention(), **orbax_kwargs)
 
@@ -174,31 +170,26 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         """Orbax's `save`, with metrics turned into floats and retention-aware skipping.
 
         Returns False (writing nothing) when the save-decision policy says no, or when
-        `keep_last=False` and the checkpoint would not enter the top k. `args` may also be
-        a function returning them, called only if the checkpoint is written (so a skipped
-        epoch gathers no state). `epoch` and `global_step` fill `{epoch}` and `{step}` in
-        the filename template (each defaults to `step`). `partial="preempted"` (or "exception")
-        writes a checkpoint taken mid-epoch whatever the policies say: unscored, its name
-        ends in `-<reason>`, and retention keeps it only while it is the newest. Raises
-        `StepError` for a negative step or one not newer than the newest checkpoint, and
-        `MetricError` when `metrics` lacks the monitored metric.
+        `keep_last=False` and the checkpoint would not enter the top k. `args` may be a
+        function returning them, called only for a checkpoint that is written. `epoch` and
+        `global_step` fill `{epoch}` and `{step}` (default: `step`). `partial="preempted"` or
+        `"exception"` writes a mid-epoch checkpoint whatever the policies say (unscored,
+        named `<name>-<partial>`, kept only while newest). Raises `StepError` for a step not
+        newer than the newest, `MetricError` when `metrics` lacks the monitor.
         """
         if self._plan.read_only:
             raise ConfigError(f"the manager of {self.directory} is read-only; it cannot save")
         if self._claim is not None:
             self._claim.refresh()  # raises OwnershipError if another run took the directory
         self._check_new_step(step)
+        hosts = self._plan.options.multiprocessing_options.active_processes
         if partial is not None:
             if partial not in PARTIAL_TAGS:
                 raise ConfigError(f"partial={partial!r} is not accepted; use one of {PARTIAL_TAGS}")
             metrics, force = {PARTIAL_METRIC: 1.0}, True
         floats = normalise_metrics(metrics, None if partial else self._plan.settings.monitor)
         # Every decision below depends on the metrics: the primary host's decide for all.
-        floats = shared_metrics(
-            floats,
-            primary_host=self._plan.primary_host,
-            processes=self._plan.options.multiprocessing_options.active_processes,
-        )
+        floats = shared_metrics(floats, primary_host=self._plan.primary_host, processes=hosts)
         if not force and not self.would_keep(step, floats):
             if self._journal is not None:
                 self._journal.declined(step, floats, kth=self._gate.kth())
@@ -244,9 +235,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         return any(info.step == step and is_partial(info.metrics) for info in self._infos())
 
     def reached_preemption(self, step: int) -> bool:
-        """Always False: JAX's preemption sync point must be polled with one increasing
-        step sequence on every host, and `Trainer` polls it with the global step
-        (`PreemptionGuard`); polling here too, with epoch numbers, would move it."""
+        """False: `Trainer` polls JAX's preemption sync point with the global step; polling
+        it here too, with epoch numbers, would move it."""
         return False
 
     def would_keep(self, step: int, metrics: Mapping[str, Any] | None) -> bool:
@@ -300,7 +290,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             self._claim = None
 
     def reload(self) -> None:
-        """Orbax's `reload`: read the directory again (after another process changed it)."""
+        """Read the directory again (after another process changed it)."""
         super().reload()
         self._report_listing()
         self._gate.forget()
@@ -326,10 +316,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         return super().restore(step, items, restore_kwargs, directory=directory, args=args)
 
     def metrics(self, step: int) -> Any:
-        """Metrics stored with `step`. Unreadable, malformed or missing ones are recovered
-        from the directory name when the template holds the monitor; otherwise the checkpoint
-        is unscored (and so never evicted by rank). Either way it warns once, naming it. A
-        checkpoint saved without metrics is unscored quietly."""
+        """Metrics stored with `step`; damaged or lost ones are recovered from the directory
+        name, else the checkpoint is unscored (never evicted by rank). See `scores.py`."""
         return self._scores.read(step, super().metrics)
 
     def check_intact(self, step: int, *, deep: bool = False) -> ManifestCheck:

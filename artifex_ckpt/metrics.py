@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, SupportsFloat, cast
 
 import jax
 import numpy as np
@@ -34,7 +34,7 @@ def to_float(name: str, value: object) -> float:
     if is_scalar(value):
         if getattr(value, "ndim", 0) == 0:
             # float() reads a 0-d numpy or JAX array directly (one device sync).
-            return float(value)  # type: ignore[arg-type]
+            return float(cast(SupportsFloat, value))
         return float(np.asarray(value).reshape(()))
     if isinstance(value, bool | str | bytes) or value is None:
         raise MetricError(

@@ -24,7 +24,7 @@ import string
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, SupportsIndex, cast
 
 from etils import epath
 from orbax.checkpoint.path import step as step_lib
@@ -317,7 +317,7 @@ def _counter(value: object) -> int | None:
     if isinstance(value, bool):
         return None
     try:
-        return operator.index(value)  # type: ignore[arg-type]
+        return operator.index(cast(SupportsIndex, value))
     except TypeError:
         return None
 

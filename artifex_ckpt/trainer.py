@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +119,7 @@ class Trainer:
         if isinstance(data, Iterator):
             return data
         if self._stream is None and is_grain_source(data):
-            self._stream = iter(data)  # type: ignore[arg-type]
+            self._stream = iter(cast(Iterable[Any], data))
         return self._stream
 
     def fit(
@@ -240,9 +240,9 @@ class Trainer:
                 f"fit(resume={asked!r}) needs a callback that can resume, such as "
                 "ModelCheckpoint, among the callbacks"
             )
-        # Only sums restored with this checkpoint may carry over into its epoch.
-        self.epoch_totals = {}
         point = resumers[0].resume(self, source)
+        # Only sums restored with this checkpoint may carry over into its epoch.
+        self.epoch_totals = dict(point.epoch_totals)
         self.step = point.global_step
         self.epoch = point.epoch
         if point.batches_done is None:

@@ -55,19 +55,23 @@ class TrainerLike(Protocol):
     @property
     def batches_done(self) -> int: ...
     @property
+    def epoch_totals(self) -> Mapping[str, Any]: ...
+    @property
     def data_iterator(self) -> Iterator[Any] | None: ...
 
 
 class ResumePoint(NamedTuple):
     """Where a restored checkpoint left training: its step and path, its epoch and the
     global step. `batches_done` is None when the epoch was complete, else the batches of
-    that epoch already trained (a checkpoint written mid-epoch)."""
+    that epoch already trained (a checkpoint written mid-epoch), and `epoch_totals` the
+    running sums of its step metrics."""
 
     step: int
     path: epath.Path
     epoch: int
     global_step: int
     batches_done: int | None = None
+    epoch_totals: Mapping[str, Any] = {}
 
 
 @runtime_checkable

@@ -113,7 +113,7 @@ class ModelCheckpoint(BaseCallback):
         return {"config": self.config, "manager_kwargs": self._manager_kwargs}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["config"], **state["manager_kwargs"])  # type: ignore[misc]
+        ModelCheckpoint.__init__(self, state["config"], **state["manager_kwargs"])
 
     @property
     def manager(self) -> MetricCheckpointManager:
@@ -197,17 +197,16 @@ class ModelCheckpoint(BaseCallback):
         logs = state.get("logs")
         self._known_logs = dict(logs) if isinstance(logs, Mapping) else {}
         self._resumed = True
+        # The running sums of an interrupted epoch, so that its averages come out as in an
+        # uninterrupted run.
         totals = _decode_totals(state.get("epoch_totals")) if done is not None else {}
-        if totals and hasattr(trainer, "epoch_totals"):
-            # The running sums of the interrupted epoch, so that its averages come out as
-            # in an uninterrupted run (Trainer reads them when it continues the epoch).
-            trainer.epoch_totals = totals
         return ResumePoint(
             restored.step,
             restored.path,
             int(state.get("epoch", restored.step)),
             int(state.get("global_step", restored.step)),
             None if done is None else int(done),
+            totals,
         )
 
     def on_train_begin(self, trainer: TrainerLike) -> None:
@@ -544,9 +543,7 @@ class ModelCheckpoint(BaseCallback):
 
 def _encode_totals(trainer: TrainerLike) -> dict[str, list[str]]:
     """The trainer's running metric sums of the epoch, exactly, as JSON: name -> [hex, dtype]."""
-    totals = getattr(trainer, "epoch_totals", None)
-    if not isinstance(totals, Mapping):
-        return {}
+    totals = trainer.epoch_totals
     out = {}
     for name, value in totals.items():
         array = np.asarray(value)

@@ -83,7 +83,7 @@ class ProgressBarCallback(BaseCallback):
         return {"config": self.config}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["config"])  # type: ignore[misc]
+        ProgressBarCallback.__init__(self, state["config"])
 
     def on_train_begin(self, trainer: TrainerLike) -> None:
         if self.config.disable:
@@ -103,14 +103,12 @@ class ProgressBarCallback(BaseCallback):
         self._progress = Progress(
             *columns, console=self.console, transient=not self.config.leave, expand=True
         )
-        first = getattr(trainer, "initial_epoch", 0)
-        epochs = getattr(trainer, "epochs", None)
+        first = trainer.initial_epoch
+        epochs = trainer.epochs
         self._epoch_task = self._progress.add_task(
             "epochs", total=None if epochs is None else epochs - first, metrics=""
         )
-        self._batch_task = self._progress.add_task(
-            "batches", total=getattr(trainer, "num_batches", None), metrics=""
-        )
+        self._batch_task = self._progress.add_task("batches", total=trainer.num_batches, metrics="")
         self._progress.start()
 
     def on_epoch_begin(self, trainer: TrainerLike, epoch: int) -> None:
