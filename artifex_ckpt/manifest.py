@@ -446,12 +446,7 @@ def _problem(directory: epath.Path, entry: ManifestEntry, deep: bool) -> str | N
         return f"{entry.path}: cannot be read: {err.strerror or err}"
     if read_size != entry.size:
         return f"{entry.path}: size differs: expected {entry.size} bytes, read {read_size}"
-    if crc != entry.crc32c:
-        return (
-            f"{entry.path}: checksum differs: expected {ALGORITHM} {entry.crc32c_hex}, "
-            f"found {crc:08x}"
-        )
-    return None
+    return _checksum_problem(entry, crc)
 
 
 def _size(directory: epath.Path, relative: str) -> int | str:
@@ -593,9 +588,13 @@ def _listed_problem(
             return f"{entry.path}: cannot be read: {err.strerror or err}"
         if read_size != entry.size:
             return f"{entry.path}: size differs: expected {entry.size} bytes, read {read_size}"
-    if crc != entry.crc32c:
-        return (
-            f"{entry.path}: checksum differs: expected {ALGORITHM} {entry.crc32c_hex}, "
-            f"found {crc:08x}"
-        )
-    return None
+    return _checksum_problem(entry, crc)
+
+
+def _checksum_problem(entry: ManifestEntry, crc: int) -> str | None:
+    if crc == entry.crc32c:
+        return None
+    return (
+        f"{entry.path}: checksum differs: expected {ALGORITHM} {entry.crc32c_hex}, "
+        f"found {crc:08x}"
+    )
