@@ -59,15 +59,7 @@ def is_grain_iterator(obj: object) -> bool:
         assert not is_grain_iterator(iter([1, 2, 3]))
         ```
     """
-    grain = sys.modules.get("grain")
-    if grain is None:
-        return False
-    kinds = tuple(
-        kind
-        for name in ("DatasetIterator", "DataLoaderIterator")
-        if isinstance(kind := getattr(grain, name, None), type)
-    )
-    return bool(kinds) and isinstance(obj, kinds)
+    return _is_grain(obj, ("DatasetIterator", "DataLoaderIterator"))
 
 
 def is_grain_source(obj: object) -> bool:
@@ -86,15 +78,7 @@ def is_grain_source(obj: object) -> bool:
         assert not is_grain_source(grain.MapDataset.range(8))
         ```
     """
-    grain = sys.modules.get("grain")
-    if grain is None:
-        return False
-    kinds = tuple(
-        kind
-        for name in ("DataLoader", "IterDataset")
-        if isinstance(kind := getattr(grain, name, None), type)
-    )
-    return bool(kinds) and isinstance(obj, kinds)
+    return _is_grain(obj, ("DataLoader", "IterDataset"))
 
 
 def data_save_args(iterator: object) -> ocp.args.CheckpointArgs | None:
@@ -205,3 +189,12 @@ class _SequenceTail(Sequence[T]):
 
     def __repr__(self) -> str:
         return f"_SequenceTail({self._base!r}, start={self._start})"
+
+
+def _is_grain(obj: object, names: tuple[str, ...]) -> bool:
+    # Looked up among loaded modules only, so that grain stays optional.
+    grain = sys.modules.get("grain")
+    if grain is None:
+        return False
+    kinds = tuple(kind for name in names if isinstance(kind := getattr(grain, name, None), type))
+    return bool(kinds) and isinstance(obj, kinds)

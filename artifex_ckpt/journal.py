@@ -34,12 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from etils import epath
-from orbax.checkpoint.path import step as step_lib
 
 from artifex_ckpt.history import Decision, DecisionHistory
+from artifex_ckpt.listing import commit_problem
 from artifex_ckpt.manifest import write_manifest
 from artifex_ckpt.plan import ManagerPlan
-from artifex_ckpt.validation import Mode
 
 __all__ = ["Committing", "Journal"]
 
@@ -58,29 +57,17 @@ class Committing:
 
 
 class Journal:
-    """Manifests and decision history of one writer; thread-safe.
+    """Manifests and decision history of one writer (of `plan`); thread-safe.
 
-    With an `initial_value_threshold` (and the ranking's `mode`), a score that does not beat
-    it is recorded as such: a declined checkpoint names the threshold rather than the k-th
-    best, and a saved one (kept only as the newest) has no rank.
+    With an `initial_value_threshold`, a score that does not beat it is recorded as such: a
+    declined checkpoint names the threshold rather than the k-th best, and a saved one (kept
+    only as the newest) has no rank.
     """
 
-    def __init__(
-        self,
-        plan: ManagerPlan,
-        history: DecisionHistory,
-        *,
-        k: int,
-        manifests: bool = True,
-        initial_value_threshold: float | None = None,
-        mode: Mode = "min",
-    ) -> None:
+    def __init__(self, plan: ManagerPlan, history: DecisionHistory) -> None:
         self._plan = plan
         self.history = history
-        self.k = k
-        self.manifests = manifests
-        self.initial_value_threshold = initial_value_threshold
-        self.mode = mode
+        self.k = plan.settings.save_top_k
         self._lock = threading.Lock()
         self._committing: list[Committing] = []
         self._declined: list[tuple[int, float | None, float | None, float]] = []
@@ -89,14 +76,7 @@ class Journal:
     @classmethod
     def of(cls, plan: ManagerPlan) -> Journal:
         """The journal of a writer's plan: history in its directory, its retention rule."""
-        settings = plan.settings
-        return cls(
-            plan,
-            DecisionHistory(plan.directory),
-            k=settings.save_top_k,
-            initial_value_threshold=settings.initial_value_threshold,
-            mode=settings.mode,
-        )
+        return cls(plan, DecisionHistory(plan.directory))
 
     def started(
         self,
@@ -149,13 +129,12 @@ class Journal:
         ]
         problems = []
         for entry in committing:
-            if not _committed(entry):
-                continue
-            if self.manifests:
-                try:
-                    write_manifest(entry.path)
-                except Exception as err:  # the decisions below are recorded all the same
-                    problems.append(f"manifest of {entry.path} not written: {err}")
+            if commit_problem(entry.path, entry.step) is not None:
+                continue  # the save failed; `wait_until_finished` raises its error
+            try:
+                write_manifest(entry.path)
+            except Exception as err:  # the decisions below are recorded all the same
+                problems.append(f"manifest of {entry.path} not written: {err}")
             below = self._failed_threshold(entry.score)
             out.append(
                 Decision.saved(
@@ -188,16 +167,8 @@ class Journal:
 
     def _failed_threshold(self, score: float | None) -> float | None:
         """The threshold `score` does not beat (Keras: not considered at all), else None."""
-        threshold = self.initial_value_threshold
-        if threshold is None or score is None:
+        threshold = self._plan.settings.initial_value_threshold
+        ranking = self._plan.ranking
+        if threshold is None or score is None or ranking is None:
             return None
-        beats = score < threshold if self.mode == "min" else score > threshold
-        return None if beats else threshold
-
-
-def _committed(entry: Committing) -> bool:
-    path = entry.path
-    return (
-        path.is_dir()
-        and step_lib.Metadata(step=entry.step, path=path).commit_timestamp_nsecs is not None
-    )
+        return None if ranking.beats(score, threshold) else threshold

@@ -595,6 +595,5 @@ def _checksum_problem(entry: ManifestEntry, crc: int) -> str | None:
     if crc == entry.crc32c:
         return None
     return (
-        f"{entry.path}: checksum differs: expected {ALGORITHM} {entry.crc32c_hex}, "
-        f"found {crc:08x}"
+        f"{entry.path}: checksum differs: expected {ALGORITHM} {entry.crc32c_hex}, found {crc:08x}"
     )
