@@ -15,7 +15,13 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from artifex_ckpt.agreement import shared_metrics
 from artifex_ckpt.config import CheckpointConfig
-from artifex_ckpt.directory import TrashPurger, remove_unfinished, write_atomic_text
+from artifex_ckpt.directory import (
+    TrashPurger,
+    is_local,
+    remove_unfinished,
+    require_writable,
+    write_atomic_text,
+)
 from artifex_ckpt.errors import CheckpointNotFoundError, CheckpointSaveError, ConfigError, StepError
 from artifex_ckpt.history import Decision
 from artifex_ckpt.housekeeping import Housekeeper, Task
@@ -107,6 +113,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         root = plan.directory
         # What `metrics` reads; Orbax's constructor calls it while scanning the directory.
         self._plan = plan
+        self._local = is_local(root)
         self._scores = StoredScores(plan)
         self._claim = Claim.take(root, stale_after_s=STALE_AFTER_S) if plan.is_writer else None
         try:
@@ -191,8 +198,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         # Every decision below depends on the metrics: the primary host's decide for all.
         floats = shared_metrics(floats, primary_host=self._plan.primary_host, processes=hosts)
         if not force and not self.would_keep(step, floats):
-            if self._journal is not None:
-                self._journal.declined(step, floats, kth=self._gate.kth())
+            self.decline(step, floats)
             return False
         if callable(args):
             args = args()
@@ -202,6 +208,14 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         )
         self._prepare_directory()
         before = {info.step: info.metrics for info in self._infos()}
+        if self._local:
+            # Orbax creates the step directory in its background thread; if that fails (the
+            # run directory became a file, the disk read-only), its writer threads wait 300 s
+            # for it and the process cannot exit. A stat and an access check fail at once.
+            try:
+                require_writable(self.directory)
+            except ConfigError as err:
+                raise self._failed(step, err) from err
         try:
             saved = super().save(
                 step,
@@ -213,8 +227,6 @@ class MetricCheckpointManager(ocp.CheckpointManager):
                 custom_metadata=custom_metadata,
             )
         except OSError as err:
-            # The step directory is created here (see `plan`): a read-only file system or a
-            # vanished directory fails now, leaving no writer thread behind.
             raise self._failed(step, err) from err
         except BaseException:
             self._forget_name(step)
@@ -253,6 +265,16 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         if metrics is not None and monitor is not None:
             value = to_float(monitor, monitored_value(metrics, monitor))
         return self._gate.admits(step, monitor, value, self._infos)
+
+    def decline(self, step: int, metrics: Mapping[str, float] | None) -> None:
+        """Record in the run's history that a checkpoint of `step` was not written because it
+        would not enter the top k (`would_keep` said no).
+
+        `save` records its own refusals; a caller that asks `would_keep` first and then skips
+        `save` (so as not to gather the state) calls this instead. Readers record nothing.
+        """
+        if self._journal is not None:
+            self._journal.declined(step, metrics, kth=self._gate.kth())
 
     def wait_until_finished(self) -> None:
         """Block until the pending save commits; a failed background save raises here.

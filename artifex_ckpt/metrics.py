@@ -21,6 +21,9 @@ __all__ = [
     "to_float",
 ]
 
+# numpy dtype kinds of real numbers: signed and unsigned integers, floats.
+_REAL_KINDS = ("i", "u", "f")
+
 
 def to_float(name: str, value: object) -> float:
     """`value` as a Python float; numpy and JAX scalars (and size-1 arrays) are accepted.
@@ -29,6 +32,12 @@ def to_float(name: str, value: object) -> float:
     """
     if isinstance(value, float):
         return float(value)
+    # The common case first, a 0-d JAX or numpy array: read as a numpy array (one device
+    # sync), whose dtype is cheap to check; float() of a JAX array costs 4x more (B1).
+    if getattr(value, "ndim", None) == 0:
+        array = np.asarray(value)
+        if array.dtype.kind in _REAL_KINDS:
+            return float(array)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     if is_scalar(value):
@@ -63,7 +72,7 @@ def is_scalar(value: object) -> bool:
     kind = getattr(dtype, "kind", None)
     if kind == "V":
         return bool(jax.dtypes.issubdtype(dtype, np.floating))
-    return kind in ("i", "u", "f")
+    return kind in _REAL_KINDS
 
 
 def normalise_metrics(

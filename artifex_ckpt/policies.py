@@ -288,6 +288,7 @@ class RetentionGate:
         self.policy = policy
         self._bar: RankKey | None = None
         self._bar_known = False
+        self._kth: float | None = None
         self._last: tuple[int, float | None, bool] | None = None
 
     def forget(self) -> None:
@@ -310,6 +311,7 @@ class RetentionGate:
         policy = self.policy
         if isinstance(policy, BestNByRank) and not self._bar_known:
             self._bar, self._bar_known = policy.entry_bar(infos()), True
+            self._kth = policy.bar_value(self._bar)
         metrics = None if value is None or monitor is None else {monitor: value}
         existing: Sequence[ocm.PolicyCheckpointInfo] = (
             () if isinstance(policy, BestNByRank) else infos()
@@ -320,9 +322,7 @@ class RetentionGate:
 
     def kth(self) -> float | None:
         """The score a declined checkpoint had to beat (the k-th best kept), if known."""
-        if not isinstance(self.policy, BestNByRank) or not self._bar_known:
-            return None
-        return self.policy.bar_value(self._bar)
+        return self._kth if self._bar_known else None
 
 
 @dataclass(frozen=True)

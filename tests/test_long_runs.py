@@ -275,6 +275,48 @@ def test_sigterm_mid_epoch_saves_then_resume_matches_the_uninterrupted_run(
     assert ("evicted", "m-01-006-none-preempted") in [(d.kind, d.name) for d in history]
 
 
+class Scores(BaseCallback):
+    """Sets the epoch's `score` (before later callbacks see the logs)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def on_epoch_end(self, trainer: Any, epoch: int, logs: Any) -> None:
+        logs["score"] = self.values[epoch]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_resumed_epoch_outside_the_top_k_keeps_its_partial_checkpoint(
+    tmp_path: Path, verbose: bool
+) -> None:
+    config = CheckpointConfig(
+        dirpath=tmp_path,
+        filename="m-{epoch}-{score:.2f}",
+        monitor="score",
+        save_top_k=1,
+        save_last=False,
+        verbose=verbose,
+    )
+    scores = Scores([0.1, 0.9, 0.05])
+    with pytest.raises(TrainingPreempted) as info:
+        make_trainer(epochs=EPOCHS).fit(callbacks=[scores, Signal(at=6), ModelCheckpoint(config)])
+    assert info.value.checkpoint is not None
+    partial = info.value.checkpoint.name
+    assert step_dirs(tmp_path) == {"m-0-0.10", partial}
+    # Epoch 1 ends after the resume with 0.9, outside the top 1: nothing is written, and
+    # the partial checkpoint stays the point to resume from.
+    make_trainer(epochs=2).fit(callbacks=[scores, ModelCheckpoint(config)], resume=True)
+    assert step_dirs(tmp_path) == {"m-0-0.10", partial}
+    declined = [
+        (d.step, d.score) for d in DecisionHistory(tmp_path).read() if d.kind == "not_saved"
+    ]
+    assert declined == [(1, 0.9)]
+    make_trainer(epochs=EPOCHS).fit(callbacks=[scores, ModelCheckpoint(config)], resume=True)
+    assert step_dirs(tmp_path) == {"m-2-0.05"}  # the best; the partial was only the newest
+
+
 def test_sigterm_with_a_step_cadence_saves_the_global_step(
     tmp_path: Path, reference: Trainer
 ) -> None:

@@ -398,7 +398,7 @@ def test_a_save_whose_directory_cannot_be_created_fails_in_save(ckpt_dir: Path) 
         mgr.wait_until_finished()
         shutil.rmtree(ckpt_dir)
         ckpt_dir.write_text("a file where the run was")
-        with pytest.raises(CheckpointSaveError, match=r"'m-1' \(step 1\).*NotADirectoryError"):
+        with pytest.raises(CheckpointSaveError, match=r"'m-1' \(step 1\).*is not a directory"):
             mgr.save(1, args=_args(1), metrics={"val_loss": 0.4})
         with pytest.warns(CheckpointWarning, match="could not remove the lease file"):
             mgr.close()

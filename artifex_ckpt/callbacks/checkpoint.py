@@ -74,6 +74,7 @@ class ModelCheckpoint(BaseCallback):
     __slots__ = (
         "_by_epoch",
         "_cadence",
+        "_declinable",
         "_every_steps",
         "_hosts",
         "_known_logs",
@@ -96,6 +97,8 @@ class ModelCheckpoint(BaseCallback):
         # One policy object for the callback's test and Orbax's own check (time cadence).
         self._cadence = cadence_policy(config)
         self._by_epoch = config.step_unit == "epoch"
+        # The monitor, when an epoch's checkpoint may be declined before it is gathered.
+        self._declinable = None if config.save_last else config.monitor
         self._manager: MetricCheckpointManager | None = None
         self._writing = False
         self._training = False
@@ -253,6 +256,8 @@ class ModelCheckpoint(BaseCallback):
         # Cheap integer test first: ineligible epochs never touch (or sync) the logs.
         if self._by_epoch and (epoch + 1) % self.config.every_n_epochs == 0:
             manager = self._writer()
+            if self._declines(manager, epoch, logs):
+                return
             if self._is_new(manager, epoch):
                 self._save(trainer, epoch, logs, force=False)
 
@@ -320,6 +325,30 @@ class ModelCheckpoint(BaseCallback):
             self._last_check = now
             self._cadence.grant()  # Orbax's check agrees instead of judging by its own clock
         return due
+
+    def _declines(self, manager: MetricCheckpointManager, step: int, logs: Logs) -> bool:
+        """With `save_last=False`, whether an epoch's checkpoint would stay out of the top k:
+        asked on the monitored value alone, before any state or metrics are gathered (B1),
+        and recorded as declined. A checkpoint the epoch resumed from (taken before its end)
+        then stays the resume point."""
+        monitor = self._declinable
+        if monitor is None or monitor not in logs:
+            return False
+        value = to_float(monitor, logs[monitor])
+        if self._hosts > 1:  # every host decides on the primary host's value, as `save` does
+            plan = manager.plan
+            hosts = plan.options.multiprocessing_options.active_processes
+            value = primary_value(value, primary_host=plan.primary_host, processes=hosts)
+        scored = {monitor: value}
+        if manager.would_keep(step, scored):
+            return False
+        manager.decline(step, scored)
+        if self.config.verbose:
+            logger.info(
+                "epoch %d: %s %.4f not in top %d, not saved",
+                step, monitor, value, self.config.save_top_k,
+            )  # fmt: skip
+        return True
 
     def _is_new(self, manager: MetricCheckpointManager, step: int) -> bool:
         """Whether a regular checkpoint of `step` can be written: newer than the newest, or
