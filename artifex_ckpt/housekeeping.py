@@ -1,12 +1,12 @@
 """Work a writer does after each save commits, beside the training loop rather than in it.
 
 Orbax renames evicted steps into the trash when a save finalizes, in its own background
-thread. The `Housekeeper` starts after `save` returns, waits until Orbax reports the save
-finished (`is_saving_in_progress`, a public question), then runs its tasks (purging the
-trash, recording checksums, ...). `finish` joins it and runs the tasks once more, so after
-`wait_until_finished` or `close` nothing is left to do. Problems (a task's exception, or the
-notes a task returns) are collected and reported on the caller's thread as warnings: a
-background thread must not raise into nothing.
+thread. The `Housekeeper` is handed each save after `save` returns; its thread waits until
+Orbax reports the save finished (`is_saving_in_progress`, a public question), then runs its
+tasks (purging the trash, recording checksums, ...). `finish` waits for it and runs the
+tasks once more, so after `wait_until_finished` or `close` nothing is left to do. Problems
+(a task's exception, or the notes a task returns) are collected and reported on the
+caller's thread as warnings: a background thread must not raise into nothing.
 
 Example:
     ```python
@@ -14,6 +14,7 @@ Example:
     keeper = Housekeeper([lambda: done.append(1)])
     keeper.after_save(lambda: False)
     keeper.finish()
+    keeper.close()
     assert done == [1, 1]
     ```
 """
@@ -24,6 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from artifex_ckpt.errors import CheckpointWarning
 
@@ -36,30 +38,32 @@ _FIRST_POLL_S, _LONGEST_POLL_S = 0.002, 0.05
 
 
 class Housekeeper:
-    """Runs `tasks` after each save finishes, in one background thread at a time."""
+    """Runs `tasks` after each save finishes, on one background thread kept for the writer's
+    life: handing work to a running thread costs microseconds, where starting a thread per
+    save blocked the loop for milliseconds while Orbax's writers held the GIL (B2)."""
 
     def __init__(self, tasks: Sequence[Task]) -> None:
         self._tasks = tuple(tasks)
-        self._thread: threading.Thread | None = None
+        self._worker: ThreadPoolExecutor | None = None
+        self._runs: list[Future[None]] = []
         self._problems: list[str] = []
         self._lock = threading.Lock()
 
     def after_save(self, saving: Callable[[], bool]) -> None:
         """Run the tasks once `saving()` turns False (the save committed or failed)."""
-        self.join()
-        self._thread = threading.Thread(
-            target=self._when_done, args=(saving,), name="artifex-ckpt-housekeeping", daemon=True
-        )
-        self._thread.start()
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="artifex-ckpt-housekeeping")
+        self._runs = [run for run in self._runs if not run.done()]
+        self._runs.append(self._worker.submit(self._when_done, saving))
 
     def join(self) -> None:
-        """Wait for the background run, if any."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Wait for the background runs, if any."""
+        runs, self._runs = self._runs, []
+        for run in runs:
+            run.result()
 
     def finish(self) -> None:
-        """Wait for the background run, run the tasks now, and warn about any problem.
+        """Wait for the background runs, run the tasks now, and warn about any problem.
         Call only when no save is in flight."""
         self.join()
         self._run()
@@ -68,11 +72,23 @@ class Housekeeper:
         for problem in problems:
             warnings.warn(CheckpointWarning(problem), stacklevel=3)
 
+    def close(self) -> None:
+        """Wait for the background runs and stop the thread (the next save starts another)."""
+        self.join()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown(wait=True)
+
     def _when_done(self, saving: Callable[[], bool]) -> None:
         pause = _FIRST_POLL_S
-        while saving():
-            time.sleep(pause)
-            pause = min(pause * 2, _LONGEST_POLL_S)
+        try:
+            while saving():
+                time.sleep(pause)
+                pause = min(pause * 2, _LONGEST_POLL_S)
+        except Exception as err:  # reported on the caller's thread by finish()
+            with self._lock:
+                self._problems.append(f"{type(err).__name__}: {err}")
+            return
         self._run()
 
     def _run(self) -> None:

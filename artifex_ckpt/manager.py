@@ -300,6 +300,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             self.wait_until_finished()
         finally:
             try:
+                self._housekeeper.close()
                 super().close()
                 if self._journal is not None:
                     self._journal.history.close()
