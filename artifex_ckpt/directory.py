@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import stat
 import threading
 import uuid
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from etils import epath
@@ -35,10 +37,14 @@ __all__ = [
     "TRASH",
     "TrashPurger",
     "absolute",
+    "forget_listing",
     "is_local",
+    "read_object",
+    "remove_uncommitted",
     "remove_unfinished",
     "require_writable",
     "tree_size",
+    "write_atomic",
     "write_atomic_text",
 ]
 
@@ -49,6 +55,8 @@ _SCHEME = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 # Orbax sends evicted steps to `todelete_subdir` everywhere but on GCS.
 _NO_TRASH_PREFIX = "gs://"
 _ACCEPTED = "a local path or a URL " + ", ".join(f"{s}://bucket/prefix" for s in SCHEMES)
+# Orbax's mark of a committed step on an object store (its `CommitFileTemporaryPath`).
+COMMIT_SUCCESS = "commit_success.txt"
 
 
 def absolute(directory: str | os.PathLike[str] | epath.Path) -> epath.Path:
@@ -86,7 +94,7 @@ def absolute(directory: str | os.PathLike[str] | epath.Path) -> epath.Path:
     return epath.Path(f"{scheme}://{rest}")
 
 
-def is_local(directory: epath.Path) -> bool:
+def is_local(directory: str | os.PathLike[str]) -> bool:
     """Whether `directory` is on a local file system (not an object-store URL)."""
     return "://" not in os.fspath(directory)
 
@@ -97,7 +105,9 @@ def require_writable(directory: epath.Path) -> None:
     Locally: the nearest existing ancestor must be a writable directory (no I/O but
     stat). On an object store, permissions live on the server, so a probe object
     `.artifex-write-probe-<random>` is written under `directory` and deleted: two
-    requests. Raises `ConfigError` naming the directory and the reason.
+    requests. (A manager does not call this on object stores: its lease, written at
+    open, is that probe already; see `ownership.acquire`.) Raises `ConfigError` naming
+    the directory and the reason.
     """
     if not is_local(directory):
         _probe(directory)
@@ -188,15 +198,27 @@ def write_atomic_text(path: epath.Path, text: str) -> None:
         write_atomic_text(epath.Path("gs://bucket/run/settings.json"), "{}")
         ```
     """
+    write_atomic(path, text.encode())
+
+
+def write_atomic(path: epath.Path, data: bytes) -> None:
+    """`write_atomic_text` for bytes: the old content or the new, never half; one request
+    on an object store.
+
+    Example:
+        ```python
+        write_atomic(epath.Path("gs://bucket/run/history.jsonl"), b"{}\n")
+        ```
+    """
     if not is_local(path):
         fs, target = _filesystem(path)
-        fs.pipe_file(target, text.encode())
+        fs.pipe_file(target, data)
         return
     target = os.fspath(path)
     tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{uuid.uuid4().hex}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -204,6 +226,93 @@ def write_atomic_text(path: epath.Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def forget_listing(directory: epath.Path) -> None:
+    """Drop `epath`'s cached listing of `directory` (no request): `epath` keeps its own
+    fsspec instance, with its own listing cache, which writes through `_filesystem`'s do
+    not update, so an `epath` caller would go on seeing `directory` as listed before.
+
+    Example:
+        ```python
+        forget_listing(epath.Path("gs://bucket/run"))
+        ```
+    """
+    backend = getattr(directory, "_backend", None)
+    fs = getattr(backend, "fs", None)
+    if fs is not None:
+        fs(os.fspath(directory)).invalidate_cache(os.fspath(directory))
+
+
+def read_object(path: epath.Path) -> bytes | None:
+    """The content of the object `path` on an object store, or None if there is none: one
+    request (a download), where `epath`'s exists, is_file and read cost three to nine and
+    may answer from a listing cache that other writers do not update.
+
+    Only for object-store URLs; a local path raises `ValueError` (local readers must check
+    for FIFOs before opening, which this cannot do).
+
+    Example:
+        ```python
+        data = read_object(epath.Path("gs://bucket/run/artifex_ckpt.json"))
+        ```
+    """
+    if is_local(path):
+        raise ValueError(f"read_object({os.fspath(path)!r}): not an object-store URL")
+    fs, target = _filesystem(path)
+    try:
+        return bytes(fs.cat_file(target))
+    except FileNotFoundError:
+        return None
+
+
+def remove_uncommitted(directory: epath.Path, committed: Collection[str]) -> list[str]:
+    """On an object store, remove the saves under `directory` that never committed; returns
+    the names removed.
+
+    Orbax saves to the final name there and marks the commit with `commit_success.txt`;
+    its own start-up scan (`cleanup_tmp_directories`) asks every entry for that mark, two
+    to four requests each, even for the checkpoints its listing has just found committed.
+    This lists `directory` once and asks only the sub-prefixes not in `committed` (the
+    names of the steps the caller's listing found committed): with nothing unfinished, one
+    request in all. Like Orbax's scan, every sub-prefix without the mark is removed, and
+    objects are left alone. Locally it does nothing (see `remove_unfinished`).
+
+    Example:
+        ```python
+        removed = remove_uncommitted(epath.Path("gs://bucket/run"), {"1", "2"})
+        ```
+    """
+    if is_local(directory):
+        return []
+    fs, root = _filesystem(directory)
+    root = root.rstrip("/")
+    cached = _no_cache_update(fs) and root in fs.dircache
+    try:
+        entries = fs.ls(root, detail=True, refresh=True)
+    except FileNotFoundError:
+        return []
+    finally:
+        if _no_cache_update(fs) and not cached:
+            # Left in gcsfs's listing cache, this listing would answer later `epath` calls
+            # about entries that Orbax and tensorstore add or delete behind gcsfs's back.
+            fs.dircache.pop(root, None)
+    removed = []
+    for entry in entries:
+        name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+        if entry.get("type") != "directory" or name in committed:
+            continue
+        try:
+            fs.cat_file(f"{root}/{name}/{COMMIT_SUCCESS}")
+            continue  # committed after all (the caller's listing did not know it)
+        except FileNotFoundError:
+            pass
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(f"{root}/{name}", recursive=True)
+        removed.append(name)
+    if removed:
+        fs.invalidate_cache(root)
+    return removed
 
 
 def remove_unfinished(directory: epath.Path) -> None:
@@ -216,16 +325,29 @@ def remove_unfinished(directory: epath.Path) -> None:
     (a legacy rename-based save, or a copied local directory), prefix and object alike.
     A symbolic link is removed itself; what it leads to is left alone.
     """
+    if is_local(directory):
+        _remove_unfinished_here(os.fspath(directory))
+        return
     if not directory.exists():
         return
-    local = is_local(directory)
     for path in directory.iterdir():
-        if step_lib.TMP_DIR_SUFFIX not in path.name:
-            continue
-        if not local or (path.is_dir() and not os.path.islink(path)):
+        if step_lib.TMP_DIR_SUFFIX in path.name:
             path.rmtree(missing_ok=True)
-        else:
-            path.unlink(missing_ok=True)
+
+
+def _remove_unfinished_here(root: str) -> None:
+    # One scandir: the entry types come with the names, so a directory of thousands of
+    # checkpoints costs one pass of string tests when nothing is unfinished (B5).
+    try:
+        entries = [e for e in os.scandir(root) if step_lib.TMP_DIR_SUFFIX in e.name]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        with contextlib.suppress(FileNotFoundError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
 
 
 class TrashPurger:

@@ -47,7 +47,7 @@ from etils import epath
 from rich.table import Table
 from rich.text import Text
 
-from artifex_ckpt.directory import absolute, is_local
+from artifex_ckpt.directory import absolute, forget_listing, is_local, read_object, write_atomic
 from artifex_ckpt.errors import CheckpointWarning, ConfigError
 from artifex_ckpt.validation import require_int
 
@@ -389,7 +389,7 @@ class DecisionHistory:
         """
         try:
             _require_regular(self.path, local=self._local)
-            data = self.path.read_bytes()
+            data = (self.path.read_bytes() if self._local else read_object(self.path)) or b""
         except Exception:  # never needed to restore: any failure to read is an empty history
             data = b""
         with self._lock:
@@ -435,10 +435,7 @@ class DecisionHistory:
 
     def _append_remote(self, line: bytes) -> None:
         if self._size is None:
-            try:
-                self._stored = self.path.read_bytes()
-            except FileNotFoundError:
-                self._stored = b""
+            self._stored = read_object(self.path) or b""
             if self._stored and not self._stored.endswith(b"\n"):
                 self._stored += b"\n"
             self._size = len(self._stored)
@@ -451,9 +448,11 @@ class DecisionHistory:
         content = self._stored + b"".join(self._pending)
         if len(content) > self.max_bytes:
             content = _newest_lines(content, self.max_bytes // 2)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One upload replaces the whole object, so readers see the old or the new history.
-        self.path.write_bytes(content)
+        # One upload (one request) replaces the whole object, so readers see the old or the
+        # new history; an object store needs no parent directory.
+        write_atomic(self.path, content)
+        # As `epath`'s own write did: Orbax's later listings through `epath` see the run anew.
+        forget_listing(self.path.parent)
         self._stored, self._pending, self._size = content, [], len(content)
         self._last_flush = monotonic()
 

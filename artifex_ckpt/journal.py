@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +71,9 @@ class Journal:
         self.k = plan.settings.save_top_k
         self._lock = threading.Lock()
         self._committing: list[Committing] = []
-        self._declined: list[tuple[int, float | None, float | None, float]] = []
+        # Appended without the lock (a deque's append is atomic): it runs on every declined
+        # epoch (B1). `flush` takes entries from the other end.
+        self._declined: deque[tuple[int, Mapping[str, float] | None, float | None, float]] = deque()
         self._decisions: list[Decision] = []
 
     @classmethod
@@ -102,8 +105,7 @@ class Journal:
         self, step: int, metrics: Mapping[str, float] | None, *, kth: float | None
     ) -> None:
         """A checkpoint of `step` was not written: it would not enter the top k."""
-        with self._lock:
-            self._declined.append((step, self._score(metrics), kth, time.time()))
+        self._declined.append((step, metrics, kth, time.time()))  # scored when flushed
 
     def _score(self, metrics: Mapping[str, Any] | None) -> float | None:
         ranking = self._plan.ranking
@@ -119,13 +121,14 @@ class Journal:
         went wrong (a manifest that could not be written). Call when no save is in flight."""
         with self._lock:
             committing, self._committing = self._committing, []
-            declined, self._declined = self._declined, []
+            declined = [self._declined.popleft() for _ in range(len(self._declined))]
             decisions, self._decisions = self._decisions, []
         out = [
             Decision.not_saved(
                 step, score, k=self.k, kth=kth, threshold=self._failed_threshold(score), at=at
             )
-            for step, score, kth, at in declined
+            for step, metrics, kth, at in declined
+            for score in [self._score(metrics)]
         ]
         problems = []
         for entry in committing:

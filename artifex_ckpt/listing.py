@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import stat
 import threading
@@ -41,9 +42,10 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from etils import epath
+from orbax.checkpoint._src.metadata import step_metadata_serialization
 from orbax.checkpoint.path import step as step_lib
 
-from artifex_ckpt.directory import is_local
+from artifex_ckpt.directory import is_local, read_object
 from artifex_ckpt.errors import (
     CheckpointWarning,
     CorruptCheckpointError,
@@ -59,7 +61,7 @@ COMMIT_RECORD = "_CHECKPOINT_METADATA"
 _READ_ERRORS = (ValueError, TypeError, KeyError, AttributeError, OSError)
 
 
-def irregular(path: epath.Path) -> str | None:
+def irregular(path: str | os.PathLike[str]) -> str | None:
     """Why the local file `path` must not be read (it is a FIFO, a directory, ...), or None
     if it is a regular file, is absent, or is not local. Follows symbolic links; never opens
     anything, so a FIFO cannot block the caller.
@@ -88,6 +90,9 @@ def commit_problem(step_dir: epath.Path, step: int) -> str | None:
     """What is wrong with the commit record of `step_dir`: None if it commits the checkpoint,
     else a description (missing, not a regular file, not readable, ...).
 
+    On an object store the record is read with one request (Orbax's reader, through
+    `epath`, costs about nine: exists, is_file and open each ask the store again).
+
     Example:
         ```python
         problem = commit_problem(epath.Path("/tmp/run/ck-3"), 3)
@@ -98,10 +103,28 @@ def commit_problem(step_dir: epath.Path, step: int) -> str | None:
     if problem is not None:
         return f"{COMMIT_RECORD} {problem}"
     try:
-        committed = step_lib.Metadata(step=step, path=step_dir).commit_timestamp_nsecs
+        if is_local(step_dir):
+            committed = step_lib.Metadata(step=step, path=step_dir).commit_timestamp_nsecs
+        else:
+            committed = _remote_commit_timestamp(record)
     except _READ_ERRORS as err:
         return f"{COMMIT_RECORD} cannot be read ({type(err).__name__}: {err})"
     return None if committed is not None else "it has no commit record"
+
+
+def _remote_commit_timestamp(record: epath.Path) -> int | None:
+    """The commit time in an object store's commit record, read and checked as Orbax's
+    `Metadata.commit_timestamp_nsecs` does: None when the record is absent or not JSON."""
+    data = read_object(record)
+    if data is None:
+        return None
+    try:
+        stored = json.loads(data)
+    except ValueError:  # Orbax's reader logs and answers None for what does not parse
+        return None
+    # Private Orbax: its only commit-record parser that reads no file itself (docs/design.md).
+    committed = step_metadata_serialization.deserialize(stored).commit_timestamp_nsecs
+    return None if committed is None else int(committed)
 
 
 def require_intact(
@@ -131,10 +154,13 @@ class _Checked(step_lib.Metadata):
     """A step's metadata whose commit record, if damaged, reads as absent (and is reported)."""
 
     problems: _Problems | None = dataclasses.field(default=None, compare=False, repr=False)
+    # The commit record's local path as text, when known: opening a directory of thousands
+    # of checkpoints then builds no path object per step for this check (B5).
+    record: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @functools.cached_property
     def _checkpoint_metadata(self) -> Any:
-        record = self.path / COMMIT_RECORD
+        record = self.record or self.path / COMMIT_RECORD
         problem = irregular(record)
         if problem is None:
             try:
@@ -154,8 +180,10 @@ class _Checked(step_lib.Metadata):
 
 
 class _Listing(NamedTuple):
-    """The last listing: of which directory, whether local, and each step's name."""
+    """The last listing: of which directory (as given, and as text), whether local, and each
+    step's name."""
 
+    given: object
     base: str
     local: bool
     names: dict[int, str]
@@ -193,7 +221,7 @@ class CheckedNameFormat(step_lib.NameFormat[step_lib.Metadata]):
     def __init__(self, inner: step_lib.NameFormat[step_lib.Metadata]) -> None:
         self.inner = inner
         self._problems = _Problems()
-        self._listing = _Listing("", True, {})
+        self._listing = _Listing(None, "", True, {})
 
     def __str__(self) -> str:
         return f"CheckedNameFormat({self.inner})"
@@ -208,27 +236,33 @@ class CheckedNameFormat(step_lib.NameFormat[step_lib.Metadata]):
 
     def find_all(self, base_path: epath.PathLike) -> Iterator[step_lib.Metadata]:
         base = epath.Path(base_path)
-        local = is_local(base)
-        root = os.path.realpath(os.fspath(base)) if local else None
+        text = os.fspath(base)
+        local = is_local(text)
+        root = os.path.realpath(text) if local else None
+        links = _symbolic_links(text) if local else frozenset()
         names: dict[int, str] = {}
         # In place before the first step is handed out: Orbax looks steps up meanwhile.
-        self._listing = _Listing(os.fspath(base_path), local, names)
+        self._listing = _Listing(base_path, text, local, names)
         for metadata in self.inner.find_all(base):
-            if root is not None and not self._leads_out(metadata.path, root):
+            name = metadata.path.name
+            if root is not None and name in links and not self._leads_out(metadata.path, root):
                 continue
-            names[metadata.step] = metadata.path.name
-            yield _Checked(step=metadata.step, path=metadata.path, problems=self._problems)
+            names[metadata.step] = name
+            record = os.path.join(text, name, COMMIT_RECORD) if local else None
+            yield _Checked(metadata.step, metadata.path, problems=self._problems, record=record)
 
     def find_step(self, base_path: epath.PathLike, step: int) -> step_lib.Metadata:
         # Orbax asks once per step while opening, from many threads: answered from the
         # listing, with one stat locally (none on an object store, where it is as fresh).
         listing = self._listing
         name = listing.names.get(step)
-        if name is None or os.fspath(base_path) != listing.base:
+        same = base_path is listing.given or os.fspath(base_path) == listing.base
+        if name is None or not same:
             return self.inner.find_step(base_path, step)
         if listing.local and not os.path.isdir(os.path.join(listing.base, name)):
             return self.inner.find_step(base_path, step)
-        return step_lib.Metadata(step=step, path=epath.Path(base_path) / name)
+        base = base_path if isinstance(base_path, epath.Path) else epath.Path(base_path)
+        return step_lib.Metadata(step=step, path=base / name)
 
     def take_warnings(self) -> list[Warning]:
         """Problems found since the last call, each path reported once: damaged commit
@@ -237,8 +271,6 @@ class CheckedNameFormat(step_lib.NameFormat[step_lib.Metadata]):
 
     def _leads_out(self, path: epath.Path, root: str) -> bool:
         name = os.fspath(path)
-        if not os.path.islink(name):
-            return True
         target = os.path.realpath(name)
         if target == root or root.startswith(target.rstrip(os.sep) + os.sep):
             where = "the run directory or one of its parents"
@@ -255,3 +287,13 @@ class CheckedNameFormat(step_lib.NameFormat[step_lib.Metadata]):
             ),
         )
         return False
+
+
+def _symbolic_links(directory: str) -> frozenset[str]:
+    """Names of the symbolic links in `directory`: one scandir, whose entry types come with
+    the names, instead of an lstat per checkpoint (B5)."""
+    try:
+        with os.scandir(directory) as entries:
+            return frozenset(entry.name for entry in entries if entry.is_symlink())
+    except OSError:
+        return frozenset()

@@ -18,7 +18,6 @@ from artifex_ckpt.config import CheckpointConfig
 from artifex_ckpt.directory import (
     TrashPurger,
     is_local,
-    remove_unfinished,
     require_writable,
     write_atomic_text,
 )
@@ -133,7 +132,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             tasks.append(self._journal.flush)
         self._housekeeper = Housekeeper(tasks)
         if plan.cleans_leftovers:  # a crashed run's leftovers go before anything is saved
-            remove_unfinished(root)
+            plan.remove_leftovers(self.all_steps())
         self._housekeeper.finish()
 
     @classmethod

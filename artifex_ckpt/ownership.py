@@ -420,7 +420,7 @@ def acquire(
     Raises `OwnershipError`, having written nothing, when a live lease of another run or of
     another manager in this process exists, or when the lease file is damaged. Takes over a
     stale lease with a `StaleLeaseWarning`. Raises `ConfigError` for a bad path or
-    `stale_after_s`.
+    `stale_after_s`, and for an object-store directory the lease cannot be written to.
 
     Example:
         ```python
@@ -450,13 +450,13 @@ def acquire(
         for _ in range(_ATTEMPTS):
             current = _parse(store, path)
             if current is None:
-                if store.create(owner.to_json().encode()):
+                if _create(store, owner.to_json().encode(), root):
                     break
                 continue
             reason = _stale_reason(current, stale_after_s)
             if reason is None:
                 raise _owned_elsewhere(root, path, current, stale_after_s)
-            if store.remove_if(current.token) and store.create(owner.to_json().encode()):
+            if store.remove_if(current.token) and _create(store, owner.to_json().encode(), root):
                 warnings.warn(
                     StaleLeaseWarning(
                         f"took over checkpoint directory {root} from {current.describe()}: {reason}"
@@ -599,6 +599,21 @@ def read_owner(directory: str | os.PathLike[str] | epath.Path) -> OwnerInfo | No
     root = absolute(directory)
     path = root / LEASE_FILE
     return _parse(_LocalFile(path) if is_local(root) else _ObjectFile(path), path)
+
+
+def _create(store: _Store, data: bytes, root: epath.Path) -> bool:
+    """`store.create`; on an object store a failure other than "exists" means the directory
+    cannot be written: the lease is a writer's first write, and so its permission probe
+    (`open_plan` sends no separate one there)."""
+    if not isinstance(store, _ObjectFile):
+        return store.create(data)
+    try:
+        return store.create(data)
+    except Exception as err:  # object-store clients raise their own types too
+        raise ConfigError(
+            f"directory {os.fspath(root)!r} is not writable: creating the lease file "
+            f"{LEASE_FILE} failed with {type(err).__name__}: {err}"
+        ) from err
 
 
 def _key(root: epath.Path) -> str:

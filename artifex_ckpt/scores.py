@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -41,11 +42,13 @@ class StoredScores:
     def __init__(self, plan: ManagerPlan) -> None:
         self._plan = plan
         self._warned: set[int] = set()
+        # Text, not path objects: Orbax asks for every step when a directory opens (B5).
+        self._root = os.fspath(plan.directory)
 
     def read(self, step: int, orbax_metrics: Callable[[int], Any]) -> Any:
         """The metrics of `step`; `orbax_metrics` is Orbax's own reader."""
-        path = self._plan.directory / self._plan.step_name(step)
-        problem = irregular(path / METRICS_FILE)
+        name = self._plan.step_name(step)
+        problem = irregular(os.path.join(self._root, name, METRICS_FILE))
         if problem is not None:
             return self._from_name(step, f"cannot be read ({METRICS_FILE} {problem})")
         try:
@@ -53,7 +56,8 @@ class StoredScores:
         except _READ_ERRORS as err:
             return self._from_name(step, f"cannot be read ({err})")
         if found is None:
-            return self._from_name(step, "are missing", quiet_if_unscored=not _had(path))
+            unscored = not _had(self._plan.directory / name)
+            return self._from_name(step, "are missing", quiet_if_unscored=unscored)
         problem = malformed(found, self._plan.settings.monitor)
         if problem is not None:
             return self._from_name(step, problem)

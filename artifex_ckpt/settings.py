@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from etils import epath
 
+from artifex_ckpt.directory import is_local, read_object
 from artifex_ckpt.errors import ConfigError, SettingsMismatchError
 from artifex_ckpt.naming import FilenameTemplate
 from artifex_ckpt.validation import (
@@ -119,12 +120,18 @@ class RetentionSettings:
         or does not match its checksum.
         """
         path = directory / SETTINGS_FILE
-        if not path.exists():
-            return None
-        if not path.is_file():
-            raise ConfigError(f"stored settings {path} is not a regular file; move it away")
+        if is_local(path):
+            if not path.exists():
+                return None
+            if not path.is_file():
+                raise ConfigError(f"stored settings {path} is not a regular file; move it away")
         try:
-            stored = json.loads(path.read_text())
+            # On an object store one request, where exists, is_file and read through
+            # `epath` cost about nine at every open.
+            text = path.read_text() if is_local(path) else read_object(path)
+            if text is None:
+                return None
+            stored = json.loads(text)
         except (OSError, ValueError) as err:
             raise ConfigError(f"stored settings {path} cannot be read: {err}") from err
         if not isinstance(stored, dict):

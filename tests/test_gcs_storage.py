@@ -5,6 +5,7 @@ The emulator ignores generation preconditions, so nothing here relies on them.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid
@@ -21,12 +22,18 @@ from artifex_ckpt.checkpointing import load_checkpoint, save_checkpoint
 from artifex_ckpt.directory import (
     TrashPurger,
     absolute,
+    read_object,
+    remove_uncommitted,
     remove_unfinished,
     require_writable,
     tree_size,
+    write_atomic,
     write_atomic_text,
 )
 from artifex_ckpt.errors import ConfigError
+from artifex_ckpt.history import HISTORY_FILE, Decision, DecisionHistory, to_json_line
+from artifex_ckpt.listing import COMMIT_RECORD, commit_problem
+from artifex_ckpt.settings import SETTINGS_FILE, RetentionSettings
 from tests.conftest import TinyMLP, assert_trees_equal
 from tests.gcs_emulator import BUCKET, Emulator
 
@@ -269,3 +276,138 @@ def test_metric_manager_keeps_best_and_last_on_gcs(gcs_dir: epath.Path, model: T
         assert reopened.score(1) == pytest.approx(0.3)
         restored = load_checkpoint(reopened, TinyMLP(nnx.Rngs(2)), "best")
     assert_trees_equal(restored, best_state)
+
+
+# Requests per read and write of the manager's own small files
+
+
+def commit_record(**fields: object) -> str:
+    """A `_CHECKPOINT_METADATA` as Orbax writes it, with `fields` over its defaults."""
+    record: dict[str, object] = {"item_handlers": None, "metrics": {}, "custom_metadata": {}}
+    record.update(fields)
+    return json.dumps(record)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (commit_record(commit_timestamp_nsecs=1_700_000_000_000_000_000), None),
+        (None, "it has no commit record"),
+        (commit_record(commit_timestamp_nsecs=None), "it has no commit record"),
+        ("{not json", "it has no commit record"),
+        ("[1, 2]", "cannot be read (ValueError"),
+        (commit_record(commit_timestamp_nsecs="x"), "cannot be read ("),
+        (commit_record(commit_timestamp_nsecs=1, custom_metadata=[]), "cannot be read ("),
+    ],
+)
+def test_commit_check_on_gcs_is_one_request_and_agrees_with_the_local_one(
+    gcs_dir: epath.Path,
+    gcs_bucket: Emulator,
+    tmp_path: Path,
+    content: str | None,
+    problem: str | None,
+) -> None:
+    local = epath.Path(tmp_path / "3")
+    local.mkdir()
+    if content is not None:
+        (local / COMMIT_RECORD).write_text(content)
+        (gcs_dir / "3" / COMMIT_RECORD).write_text(content)
+    gcs_bucket.reset_count()
+    found = commit_problem(gcs_dir / "3", 3)
+    assert gcs_bucket.request_count() == 1
+    expected = commit_problem(local, 3)
+    assert found == expected  # the same verdict, and the same words, as Orbax's reader
+    assert found is None if problem is None else found is not None and problem in found
+
+
+def test_settings_load_on_gcs_is_one_request(gcs_dir: epath.Path, gcs_bucket: Emulator) -> None:
+    gcs_bucket.reset_count()
+    assert RetentionSettings.load(gcs_dir) is None
+    assert gcs_bucket.request_count() == 1
+    stored = RetentionSettings(monitor="val_acc", mode="max", save_top_k=2)
+    write_atomic_text(gcs_dir / SETTINGS_FILE, stored.to_json())
+    gcs_bucket.reset_count()
+    assert RetentionSettings.load(gcs_dir) == stored
+    assert gcs_bucket.request_count() == 1
+    write_atomic_text(gcs_dir / SETTINGS_FILE, stored.to_json().replace("max", "min"))
+    with pytest.raises(ConfigError, match="do not match their checksum"):
+        RetentionSettings.load(gcs_dir)
+    write_atomic_text(gcs_dir / SETTINGS_FILE, "{half")
+    with pytest.raises(ConfigError, match=rf"{SETTINGS_FILE} cannot be read"):
+        RetentionSettings.load(gcs_dir)
+
+
+def test_history_on_gcs_reads_once_and_writes_once_per_flush(
+    gcs_dir: epath.Path, gcs_bucket: Emulator
+) -> None:
+    write_atomic_text(gcs_dir / HISTORY_FILE, to_json_line(Decision.restored(0, "0", by="resume")))
+    history = DecisionHistory(gcs_dir, flush_interval_s=3600)
+    gcs_bucket.reset_count()
+    history.append(Decision.saved(1, "1", 0.4, rank=1, k=3))
+    assert gcs_bucket.request_count() == 1  # the stored history, read once
+    history.flush()
+    assert gcs_bucket.request_count() == 2  # one upload
+    history.append(Decision.saved(2, "2", 0.3, rank=1, k=3))
+    history.flush()
+    assert gcs_bucket.request_count() == 3
+    assert [d.step for d in DecisionHistory(gcs_dir).read()] == [0, 1, 2]
+
+
+def test_read_object_is_one_request_and_refuses_local_paths(
+    gcs_dir: epath.Path, gcs_bucket: Emulator, tmp_path: Path
+) -> None:
+    write_atomic(gcs_dir / "a", b"\x00bytes")
+    gcs_bucket.reset_count()
+    assert read_object(gcs_dir / "a") == b"\x00bytes"
+    assert read_object(gcs_dir / "absent") is None
+    assert gcs_bucket.request_count() == 2
+    with pytest.raises(ValueError, match="not an object-store URL"):
+        read_object(epath.Path(tmp_path / "a"))
+
+
+# remove_uncommitted()
+
+
+def test_remove_uncommitted_asks_only_what_the_listing_did_not_find_committed(
+    gcs_dir: epath.Path, gcs_bucket: Emulator
+) -> None:
+    for name in ("1", "2"):
+        (gcs_dir / name / "commit_success.txt").write_text("ok")
+        (gcs_dir / name / "d" / "x").write_text("data")
+    (gcs_dir / "3" / "d" / "x").write_text("a crashed save")  # no commit mark
+    (gcs_dir / "late" / "commit_success.txt").write_text("ok")  # committed, not listed
+    (gcs_dir / SETTINGS_FILE).write_text("{}")
+    assert remove_uncommitted(gcs_dir, {"1", "2"}) == ["3"]
+    assert objects_under(gcs_dir) == {
+        "1/commit_success.txt",
+        "1/d/x",
+        "2/commit_success.txt",
+        "2/d/x",
+        "late/commit_success.txt",
+        SETTINGS_FILE,
+    }
+    gcs_bucket.reset_count()
+    assert remove_uncommitted(gcs_dir, {"1", "2", "late"}) == []
+    assert gcs_bucket.request_count() == 1  # one listing; Orbax's scan asks every entry
+    gcs_bucket.reset_count()
+    assert remove_uncommitted(gcs_dir, {"1", "2"}) == []
+    assert gcs_bucket.request_count() == 2  # and one look at the one prefix not known
+
+
+def test_remove_uncommitted_is_a_no_op_locally_and_on_an_absent_prefix(
+    gcs_dir: epath.Path, tmp_path: Path
+) -> None:
+    (tmp_path / "3").mkdir()
+    assert remove_uncommitted(epath.Path(tmp_path), set()) == []
+    assert (tmp_path / "3").is_dir()
+    assert remove_uncommitted(gcs_dir / "absent", set()) == []
+
+
+# A writer on a bucket it cannot write
+
+
+def test_a_writer_on_a_missing_bucket_is_refused_by_its_lease(gcs_bucket: Emulator) -> None:
+    directory = f"gs://no-such-bucket-{uuid.uuid4().hex[:8]}/run"
+    with pytest.raises(ConfigError, match="is not writable: creating the lease file") as info:
+        MetricCheckpointManager(directory)
+    assert directory in str(info.value)
