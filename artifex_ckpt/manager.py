@@ -17,11 +17,9 @@ from artifex_ckpt.agreement import shared_metrics
 from artifex_ckpt.config import CheckpointConfig
 from artifex_ckpt.directory import (
     TrashPurger,
-    is_local,
-    require_writable,
     write_atomic_text,
 )
-from artifex_ckpt.errors import CheckpointNotFoundError, CheckpointSaveError, ConfigError, StepError
+from artifex_ckpt.errors import CheckpointNotFoundError, CheckpointSaveError, ConfigError
 from artifex_ckpt.history import Decision
 from artifex_ckpt.housekeeping import Housekeeper, Task
 from artifex_ckpt.journal import Journal
@@ -40,7 +38,7 @@ from artifex_ckpt.plan import ManagerPlan, cadence_options, open_plan
 from artifex_ckpt.policies import PARTIAL_METRIC, RetentionGate, is_partial
 from artifex_ckpt.scores import StoredScores
 from artifex_ckpt.settings import SETTINGS_FILE, RetentionSettings
-from artifex_ckpt.validation import Mode
+from artifex_ckpt.validation import Mode, require_new_step
 
 __all__ = ["MetricCheckpointManager"]
 
@@ -112,7 +110,6 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         root = plan.directory
         # What `metrics` reads; Orbax's constructor calls it while scanning the directory.
         self._plan = plan
-        self._local = is_local(root)
         self._scores = StoredScores(plan)
         self._claim = Claim.take(root, stale_after_s=STALE_AFTER_S) if plan.is_writer else None
         try:
@@ -187,7 +184,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             raise ConfigError(f"the manager of {self.directory} is read-only; it cannot save")
         if self._claim is not None:
             self._claim.refresh()  # raises OwnershipError if another run took the directory
-        self._check_new_step(step)
+        require_new_step(step, self.latest_step(), self.directory)
         hosts = self._plan.options.multiprocessing_options.active_processes
         if partial is not None:
             if partial not in PARTIAL_TAGS:
@@ -207,15 +204,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         )
         self._prepare_directory()
         before = {info.step: info.metrics for info in self._infos()}
-        if self._local:
-            # Orbax creates the step directory in its background thread; if that fails (the
-            # run directory became a file, the disk read-only), its writer threads wait 300 s
-            # for it and the process cannot exit. A stat and an access check fail at once.
-            try:
-                require_writable(self.directory)
-            except ConfigError as err:
-                raise self._failed(step, err) from err
         try:
+            self._plan.require_directory()
             saved = super().save(
                 step,
                 items,
@@ -225,7 +215,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
                 args=args,
                 custom_metadata=custom_metadata,
             )
-        except OSError as err:
+        except (OSError, ConfigError) as err:  # the directory is gone, or not writable
             raise self._failed(step, err) from err
         except BaseException:
             self._forget_name(step)
@@ -414,17 +404,6 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             self.directory.mkdir(parents=True, exist_ok=True)
             write_atomic_text(self.directory / SETTINGS_FILE, self._plan.settings.to_json())
         self._settings_unsaved = False
-
-    def _check_new_step(self, step: object) -> None:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise StepError(f"step={step!r} is not accepted; use an integer >= 0")
-        latest = self.latest_step()
-        if latest is not None and step <= latest:
-            raise StepError(
-                f"step {step} is not newer than the newest checkpoint (step {latest}) in "
-                f"{self.directory}; continue from step {latest + 1} (Trainer.fit(resume=True)) "
-                "or use a new directory"
-            )
 
     def _require_retained(self, step: int | None) -> None:
         steps = self.all_steps()

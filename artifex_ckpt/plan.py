@@ -115,6 +115,15 @@ class ManagerPlan:
                     names.add(self.step_name(step))
             remove_uncommitted(self.directory, names)
 
+    def require_directory(self) -> None:
+        """Locally, raise `ConfigError` unless the run directory is still a writable
+        directory: Orbax creates step directories in its background thread, where a failure
+        (the directory became a file, the disk read-only) leaves its writer threads waiting
+        300 s and the process unable to exit. A stat and an access check; none on an object
+        store, whose step "directories" are name prefixes."""
+        if is_local(self.directory):
+            require_writable(self.directory)
+
     def name_for(
         self,
         step: int,

@@ -15,9 +15,10 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal
 
-from artifex_ckpt.errors import ConfigError
+from artifex_ckpt.errors import ConfigError, StepError
 
 __all__ = [
     "Mode",
@@ -25,6 +26,7 @@ __all__ = [
     "require_int",
     "require_mode",
     "require_monitor",
+    "require_new_step",
     "require_number",
 ]
 
@@ -69,3 +71,16 @@ def require_mode(value: object) -> None:
     """Raise unless `value` is "min" or "max"."""
     if value not in ("min", "max"):
         raise ConfigError(f"mode={value!r} is not accepted; use 'min' or 'max'")
+
+
+def require_new_step(step: object, latest: int | None, directory: str | os.PathLike[str]) -> None:
+    """Raise `StepError` unless `step` is an int >= 0 newer than `latest`, the newest step
+    of `directory`."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise StepError(f"step={step!r} is not accepted; use an integer >= 0")
+    if latest is not None and step <= latest:
+        raise StepError(
+            f"step {step} is not newer than the newest checkpoint (step {latest}) in "
+            f"{os.fspath(directory)}; continue from step {latest + 1} "
+            "(Trainer.fit(resume=True)) or use a new directory"
+        )
