@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import stat
-import threading
 import uuid
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
@@ -351,19 +350,19 @@ def _remove_unfinished_here(root: str) -> None:
 
 
 class TrashPurger:
-    """Empties `directory / TRASH`, beside the training loop or right away.
+    """Empties `directory / TRASH` (the manager's housekeeping thread calls `finish` after
+    each commit, beside the training loop).
 
     An evicted checkpoint that is a symbolic link (a checkpoint moved to another disk and
     linked back) loses its link only: what the link leads to lies outside the run directory
     and is left alone, and the purge says where it is, so that its space can be reclaimed.
-    On gs:// there is no trash (Orbax deletes evicted steps itself there), and both
-    methods return at once without a request.
+    On gs:// there is no trash (Orbax deletes evicted steps itself there), and `finish`
+    returns at once without a request.
     """
 
     def __init__(self, directory: epath.Path) -> None:
         self.trash = directory / TRASH
         self._active = not os.fspath(directory).startswith(_NO_TRASH_PREFIX)
-        self._thread: threading.Thread | None = None
         self._notes: list[str] = []
 
     def check(self) -> None:
@@ -391,25 +390,11 @@ class TrashPurger:
             "files outside the run. Move it out of the run directory"
         )
 
-    def start(self) -> None:
-        """Purge in a background thread (a save may be renaming into the trash)."""
-        if not self._active:
-            return
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(
-                target=self._purge, name="artifex-ckpt-purge", daemon=True
-            )
-            self._thread.start()
-
     def finish(self) -> list[str]:
-        """Wait for a background purge, then purge and remove the trash itself. Returns
-        notes on links removed whose targets were left in place. Call only when no save is
-        in flight."""
+        """Purge and remove the trash itself. Returns notes on links removed whose targets
+        were left in place. Call only when no save is in flight."""
         if not self._active:
             return []
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
         self._purge(remove_trash=True)
         notes, self._notes = self._notes, []
         return notes

@@ -236,7 +236,6 @@ def test_remove_unfinished_on_gcs_removes_suffixed_prefixes_and_objects(
 def test_trash_purger_on_gcs_sends_no_request(gcs_dir: epath.Path, gcs_bucket: Emulator) -> None:
     purger = TrashPurger(gcs_dir)
     gcs_bucket.reset_count()
-    purger.start()
     purger.finish()
     assert gcs_bucket.request_count() == 0
 
