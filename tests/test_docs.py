@@ -265,6 +265,10 @@ DOCSTRING_MODULES = [
     "artifex_ckpt.naming",
     "artifex_ckpt.settings",
     "artifex_ckpt.manager",
+    "artifex_ckpt.owner",
+    "artifex_ckpt.lease_store",
+    "artifex_ckpt.lease",
+    "artifex_ckpt.lease_registry",
 ]
 # Examples that are shown but cannot run alone, by id, with the reason.
 DOCSTRING_SKIPS: dict[str, str] = {}

@@ -19,11 +19,11 @@ import pytest
 from etils import epath
 
 from artifex_ckpt.errors import CheckpointError, CheckpointWarning, ConfigError
+from artifex_ckpt.lease_store import LocalFile
 from artifex_ckpt.ownership import (
     LEASE_FILE,
     OwnershipError,
     StaleLeaseWarning,
-    _LocalFile,
     acquire,
     live_owner,
     read_owner,
@@ -223,8 +223,8 @@ def test_processes_racing_for_one_directory_leave_exactly_one_owner(tmp_path: Pa
 def test_local_creation_is_exclusive(tmp_path: Path) -> None:
     # The primitive two processes starting at once rely on: of two creators, one wins.
     path = epath.Path(tmp_path / LEASE_FILE)
-    assert _LocalFile(path).create(b"first")
-    assert not _LocalFile(path).create(b"second")
+    assert LocalFile(path).create(b"first")
+    assert not LocalFile(path).create(b"second")
     assert path.read_bytes() == b"first"
 
 
