@@ -24,6 +24,7 @@ from etils import epath
 from flax import nnx
 
 from artifex_ckpt.data_state import DATA_ITEM, data_restore_args, data_save_args, has_data_state
+from artifex_ckpt.directory import is_local, read_object
 from artifex_ckpt.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -34,10 +35,12 @@ from artifex_ckpt.errors import (
     WeightsOnlyError,
 )
 from artifex_ckpt.history import Decision
-from artifex_ckpt.listing import irregular
+from artifex_ckpt.listing import COMMIT_RECORD, irregular
 from artifex_ckpt.manager import STALE_AFTER_S, MetricCheckpointManager
+from artifex_ckpt.manifest import ManifestCheck, verify
 from artifex_ckpt.metrics import jsonable
 from artifex_ckpt.ownership import OwnershipError, live_owner
+from artifex_ckpt.scores import METRICS_FILE
 
 __all__ = [
     "RestoredCheckpoint",
@@ -184,16 +187,30 @@ def save_checkpoint(
 def read_trainer_state(manager: MetricCheckpointManager, step: int) -> dict[str, Any]:
     """The JSON `trainer_state` item of `step` (epoch, global_step, logs, weights_only)."""
     item = manager.step_path(step) / TRAINER_STATE
-    if not item.exists():
+    file = item / _JSON_FILE
+    # Orbax's JSON item is one file: read directly rather than through a second restore,
+    # and in one request on an object store.
+    if is_local(file):
+        problem = irregular(file)
+        if problem is not None:
+            raise CorruptCheckpointError(f"{file} {problem}")
+        try:
+            text: bytes | None = file.read_bytes()
+        except FileNotFoundError:
+            text = None
+    else:
+        text = read_object(file)
+    if text is None:
+        if item.exists():
+            raise CorruptCheckpointError(f"{file} is missing from the item {item}")
         # Written by a custom loop without our helpers: a full-state checkpoint.
         return {"epoch": step, "global_step": step, "weights_only": False}
-    # Orbax's JSON item is one file: read directly rather than through a second restore.
-    problem = irregular(item / _JSON_FILE)
-    if problem is not None:
-        raise CorruptCheckpointError(f"{item / _JSON_FILE} {problem}")
-    state = json.loads((item / _JSON_FILE).read_text())
+    try:
+        state = json.loads(text)
+    except ValueError as err:
+        raise CorruptCheckpointError(f"{file} is not JSON ({err})") from err
     if not isinstance(state, dict):
-        raise CorruptCheckpointError(f"{item / _JSON_FILE} holds {type(state).__name__}")
+        raise CorruptCheckpointError(f"{file} holds {type(state).__name__}")
     return state
 
 
@@ -220,7 +237,7 @@ def load_checkpoint(
         load_checkpoint(manager, model, "best")
         ```
     """
-    restore_checkpoint(manager, model, step, optimizer=optimizer, verify=verify)
+    _restore(manager, model, step, optimizer, verify=verify, by=None, data_iterator=None)
     return model
 
 
@@ -246,6 +263,32 @@ def restore_checkpoint(
         next_epoch = restored.trainer_state["epoch"] + 1
         ```
     """
+    restored = _restore(
+        manager,
+        model,
+        step,
+        optimizer,
+        verify=verify,
+        by=by,
+        data_iterator=data_iterator,
+        state_wanted=True,
+    )
+    return RestoredCheckpoint(restored.step, restored.path, restored.trainer_state or {})
+
+
+def _restore(
+    manager: MetricCheckpointManager,
+    model: nnx.Module,
+    step: StepSpec,
+    optimizer: nnx.Optimizer | None,
+    *,
+    verify: bool,
+    by: str | None,
+    data_iterator: object,
+    state_wanted: bool = False,
+) -> RestoredCheckpoint:
+    """The restore with its fallback; the trainer state is `{}` unless `state_wanted` or
+    needed to choose the targets."""
     manager.wait_until_finished()
     by = by or ("load step" if isinstance(step, int) else f"load {step or 'latest'}")
     candidates = _candidates(manager, step)
@@ -253,7 +296,12 @@ def restore_checkpoint(
         path = manager.step_path(candidate)
         try:
             state = _restore_into(
-                manager, candidate, model, optimizer, deep=verify, data_iterator=data_iterator
+                manager,
+                candidate,
+                path,
+                _Targets(model, optimizer, data_iterator),
+                deep=verify,
+                state_wanted=state_wanted,
             )
         except (WeightsOnlyError, ModelMismatchError):
             raise
@@ -267,7 +315,7 @@ def restore_checkpoint(
                     f"checkpoint {path} failed to restore ({error}); trying step "
                     f"{candidates[index + 1]}"
                 ),
-                stacklevel=3,
+                stacklevel=4,
             )
             continue
         manager.record(Decision.restored(candidate, path.name, by=by))
@@ -311,72 +359,154 @@ def _candidates(manager: MetricCheckpointManager, step: StepSpec) -> list[int]:
     return found
 
 
+class _Targets(NamedTuple):
+    """What a restore writes into: the live model, optimizer and data iterator."""
+
+    model: nnx.Module
+    optimizer: nnx.Optimizer | None
+    data_iterator: object
+
+
 def _restore_into(
     manager: MetricCheckpointManager,
     step: int,
-    model: nnx.Module,
-    optimizer: nnx.Optimizer | None,
+    path: epath.Path,
+    targets: _Targets,
     *,
     deep: bool,
-    data_iterator: object = None,
+    state_wanted: bool,
 ) -> dict[str, Any]:
-    # Cheap checks first (commit record, metrics, sizes): most damage stops here. The
-    # checksums are then read beside the restore (the same bytes, from the page cache), and
-    # nothing is applied to the model before both have succeeded.
-    manager.check_intact(step)
+    # One pass of cheap checks before Orbax opens a file (a FIFO in place of one would block
+    # its reader): most damage stops here. Locally the checksums are then read beside the
+    # restore (the same bytes, from the page cache); on an object store the listing holds
+    # them, so the first pass checked them already. Nothing is applied to the model before
+    # both the checks and the restore have succeeded.
+    local = is_local(path)
+    check = _require_intact(manager, step, path, deep=deep and not local)
+    model_state = nnx.state(targets.model)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        intact = pool.submit(manager.check_intact, step, deep=deep)
+        intact = None
+        if deep and local and check.status == "ok":
+            intact = pool.submit(_require_checksums, path)
         try:
-            info = read_trainer_state(manager, step)
+            info = _trainer_state(manager, step, check, model_state, targets, state_wanted)
             model_state, optimizer_state, restored = _restore_items(
-                manager, step, model, optimizer, info, data_iterator
+                manager, step, path, model_state, targets, info
             )
         except Exception as err:
-            damage = intact.exception()
+            damage = None if intact is None else intact.exception()
             if damage is not None and not isinstance(err, WeightsOnlyError):
                 raise damage from err  # damage explains the failure (and names the file)
             raise
-        intact.result()
+        if intact is not None:
+            intact.result()
     nnx.replace_by_pure_dict(model_state, restored[MODEL])
-    nnx.update(model, model_state)
-    if optimizer is not None and optimizer_state is not None:
+    nnx.update(targets.model, model_state)
+    if targets.optimizer is not None and optimizer_state is not None:
         nnx.replace_by_pure_dict(optimizer_state, restored[OPTIMIZER])
-        nnx.update(optimizer, optimizer_state)
+        nnx.update(targets.optimizer, optimizer_state)
     return info
+
+
+def _require_intact(
+    manager: MetricCheckpointManager, step: int, path: epath.Path, *, deep: bool
+) -> ManifestCheck:
+    """`manager.check_intact`, in fewer reads where the manifest covers them.
+
+    With `deep` (asked on object stores only, where the listing gives the checksums) a
+    manifest whose every file matched by checksum, the commit record and the metrics
+    included, proves those two byte for byte what they were when the committed checkpoint
+    was recorded: reading them again would tell nothing more. Anything else (no manifest,
+    files it does not cover) gets the full `check_intact`.
+    """
+    if deep:
+        check = verify(path, deep=True)
+        if check.status == "mismatch":
+            raise CorruptCheckpointError(
+                f"checkpoint {path} does not match its manifest: {'; '.join(check.problems)}"
+            )
+        recorded = set() if check.manifest is None else {e.path for e in check.manifest.entries}
+        if COMMIT_RECORD in recorded and (
+            METRICS_FILE in recorded or METRICS_FILE not in check.unlisted
+        ):
+            return check
+    return manager.check_intact(step)
+
+
+def _require_checksums(path: epath.Path) -> None:
+    check = verify(path, deep=True)
+    if check.status == "mismatch":
+        raise CorruptCheckpointError(
+            f"checkpoint {path} does not match its manifest: {'; '.join(check.problems)}"
+        )
+
+
+def _trainer_state(
+    manager: MetricCheckpointManager,
+    step: int,
+    check: ManifestCheck,
+    model_state: nnx.State,
+    targets: _Targets,
+    wanted: bool,
+) -> dict[str, Any]:
+    """The stored trainer state, read when the caller wants it or when its `weights_only`
+    decides the targets; else `{}`. It decides nothing for a model holding only
+    parameters and no optimizer, and a checkpoint whose manifest records an optimizer item
+    is not weights-only (those hold none)."""
+    if wanted:
+        return read_trainer_state(manager, step)
+    if targets.optimizer is None and _only_params(model_state):
+        return {}
+    if check.manifest is not None and any(
+        entry.path.startswith(f"{OPTIMIZER}/") for entry in check.manifest.entries
+    ):
+        return {"weights_only": False}
+    return read_trainer_state(manager, step)
+
+
+def _params(state: nnx.State) -> nnx.State:
+    filtered = nnx.filter_state(state, nnx.Param)
+    assert isinstance(filtered, nnx.State)  # one filter gives one state
+    return filtered
+
+
+def _only_params(state: nnx.State) -> bool:
+    return len(jax.tree.leaves(state)) == len(jax.tree.leaves(_params(state)))
 
 
 def _restore_items(
     manager: MetricCheckpointManager,
     step: int,
-    model: nnx.Module,
-    optimizer: nnx.Optimizer | None,
+    path: epath.Path,
+    model_state: nnx.State,
+    targets: _Targets,
     info: Mapping[str, Any],
-    data_iterator: object,
-) -> tuple[nnx.State, nnx.State | None, Any]:
+) -> tuple[nnx.State, nnx.State | None, Mapping[str, Any]]:
     weights_only = bool(info.get("weights_only", False))
-    if optimizer is not None and weights_only:
+    if targets.optimizer is not None and weights_only:
         raise WeightsOnlyError(
-            f"checkpoint {manager.step_path(step)} holds model weights only; it can be "
+            f"checkpoint {path} holds model weights only; it can be "
             "restored into a model, but has no optimizer state to resume training from"
         )
-    model_state = _model_state(model, weights_only)
-    targets = {MODEL: nnx.to_pure_dict(model_state)}
+    if weights_only:
+        model_state = _params(model_state)
+    trees = {MODEL: nnx.to_pure_dict(model_state)}
     optimizer_state = None
-    if optimizer is not None:
-        optimizer_state = nnx.state(optimizer)
-        targets[OPTIMIZER] = nnx.to_pure_dict(optimizer_state)
+    if targets.optimizer is not None:
+        optimizer_state = nnx.state(targets.optimizer)
+        trees[OPTIMIZER] = nnx.to_pure_dict(optimizer_state)
     items: dict[str, ocp.args.CheckpointArgs] = {
-        name: ocp.args.StandardRestore(target) for name, target in targets.items()
+        name: ocp.args.StandardRestore(tree) for name, tree in trees.items()
     }
-    data = data_restore_args(data_iterator)
-    if data is not None and has_data_state(manager.step_path(step)):
+    data = data_restore_args(targets.data_iterator)
+    if data is not None and has_data_state(path):
         items[DATA_ITEM] = data
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception:
         # Only now is the fit examined: a model of another shape is the caller's mistake
         # (ModelMismatchError), not damage; anything else goes on as it was.
-        _require_fit(manager, step, targets)
+        _require_fit(manager, step, trees)
         raise
     return model_state, optimizer_state, restored
 

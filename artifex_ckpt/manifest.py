@@ -43,7 +43,7 @@ import json
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import google_crc32c
@@ -176,7 +176,9 @@ class ManifestCheck:
     checksum), "unverified" (no manifest: written before manifests existed) or "mismatch"
     (see `problems`; a damaged manifest is one too, since it is a file of the checkpoint
     that changed). Each problem names a file, relative to `directory`, and what is wrong.
-    `unlisted` names files present but not recorded; they are no problem.
+    `unlisted` names files present but not recorded; they are no problem. `manifest` is
+    the manifest compared with (None without one), so that a caller can tell which files
+    the check covered without reading it again.
 
     Example:
         ```python
@@ -190,6 +192,7 @@ class ManifestCheck:
     status: Status
     problems: tuple[str, ...] = ()
     unlisted: tuple[str, ...] = ()
+    manifest: Manifest | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -292,7 +295,8 @@ def verify(step_dir: PathLike, *, deep: bool = True) -> ManifestCheck:
     problems = [p for e in manifest.entries if (p := _problem(directory, e, deep)) is not None]
     listed = {entry.path for entry in manifest.entries}
     unlisted = tuple(sorted(set(_all_files(directory)) - listed - _OWN_FILES))
-    return ManifestCheck(name, "mismatch" if problems else "ok", tuple(problems), unlisted)
+    status: Status = "mismatch" if problems else "ok"
+    return ManifestCheck(name, status, tuple(problems), unlisted, manifest)
 
 
 def _step_dir(directory: epath.Path) -> epath.Path:
@@ -561,7 +565,8 @@ def _verify_listed(directory: epath.Path, deep: bool) -> ManifestCheck:
     ]
     recorded = {entry.path for entry in manifest.entries}
     unlisted = tuple(sorted(set(listed) - recorded - _OWN_FILES))
-    return ManifestCheck(name, "mismatch" if problems else "ok", tuple(problems), unlisted)
+    status: Status = "mismatch" if problems else "ok"
+    return ManifestCheck(name, status, tuple(problems), unlisted, manifest)
 
 
 def _listed_problem(

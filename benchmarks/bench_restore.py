@@ -1,8 +1,14 @@
-"""B6: restore the best checkpoint, against raw Orbax and against the disk's read speed."""
+"""B6: restore the best checkpoint, against raw Orbax and against the disk's read speed.
+
+Both sides do the same work: look the best step up (the raw manager ranks by `val_loss`
+as the library does), restore the model and the Adam state from it, and write them into
+the live model and optimizer.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,16 +54,25 @@ def _check_plain_restore(step_dir: Path, model: nnx.Module) -> None:
         raise AssertionError(f"StandardCheckpointer read back other values from {step_dir}")
 
 
-def _raw_restore(
-    raw: ocp.CheckpointManager, step: int, model: nnx.Module, opt: nnx.Optimizer
-) -> None:
+def _raw_manager(path: Path, compress: bool) -> ocp.CheckpointManager:
+    """Plain Orbax over the same directory, ranking by `val_loss` as the library does, so
+    that both sides look the best step up before restoring it."""
+    options = ocp.CheckpointManagerOptions(
+        step_name_format=TemplateNameFormat(FilenameTemplate(TEMPLATE)),
+        best_fn=lambda metrics: float(metrics["val_loss"]),
+        best_mode="min",
+    )
+    return ocp.CheckpointManager(path, options=options, **orbax_kwargs(compress))
+
+
+def _raw_restore(raw: ocp.CheckpointManager, model: nnx.Module, opt: nnx.Optimizer) -> None:
     # What a plain Orbax user writes: targets from the live objects, restore, update.
     model_state, opt_state = nnx.state(model), nnx.state(opt)
     args = ocp.args.Composite(
         model=ocp.args.StandardRestore(nnx.to_pure_dict(model_state)),
         optimizer=ocp.args.StandardRestore(nnx.to_pure_dict(opt_state)),
     )
-    restored = raw.restore(step, args=args)
+    restored = raw.restore(raw.best_step(), args=args)
     nnx.replace_by_pure_dict(model_state, restored["model"])
     nnx.replace_by_pure_dict(opt_state, restored["optimizer"])
     nnx.update(model, model_state)
@@ -80,20 +95,20 @@ def run(args: argparse.Namespace) -> list[Figure]:
                 save_checkpoint(lib, model, step, optimizer=optimizer, metrics={"val_loss": loss})
             lib.wait_until_finished()
             _check_plain_restore(Path(lib.step_path(0)), model)
-            names = TemplateNameFormat(FilenameTemplate(TEMPLATE))
-            options = ocp.CheckpointManagerOptions(step_name_format=names)
-            raw = ocp.CheckpointManager(path, options=options, **orbax_kwargs(compress))
+            raw = _raw_manager(path, compress)
             managers += [lib, raw]
-            cases[f"lib-{codec(compress)}"] = _cold(
-                path, lambda m=lib: load_checkpoint(m, model, "best", optimizer=optimizer)
+            if raw.best_step() != 0 or lib.best_step() != 0:
+                raise AssertionError(f"best step of {path}: {raw.best_step()}, expected 0")
+            lib_restore = functools.partial(
+                load_checkpoint, lib, model, "best", optimizer=optimizer
             )
+            cases[f"lib-{codec(compress)}"] = _cold(path, lib_restore)
             # The same restore without checksums (sizes are still checked).
             cases[f"lib-nv-{codec(compress)}"] = _cold(
-                path,
-                lambda m=lib: load_checkpoint(m, model, "best", optimizer=optimizer, verify=False),
+                path, functools.partial(lib_restore, verify=False)
             )
             cases[f"raw-{codec(compress)}"] = _cold(
-                path, lambda m=raw: _raw_restore(m, 0, model, optimizer)
+                path, functools.partial(_raw_restore, raw, model, optimizer)
             )
         try:
             samples = run_trials(cases, args.trials)

@@ -10,12 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optax
+import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 from flax import nnx
 
 from artifex_ckpt import (
     CheckpointNotFoundError,
     ConfigError,
+    CorruptCheckpointError,
     CorruptCheckpointWarning,
     ModelMismatchError,
     WeightsOnlyError,
@@ -23,10 +26,12 @@ from artifex_ckpt import (
     save_checkpoint,
     setup_checkpoint_manager,
 )
+from artifex_ckpt.handlers import default_handler_registry
 from artifex_ckpt.history import HISTORY_FILE, DecisionHistory
 from artifex_ckpt.manager import MetricCheckpointManager
 from artifex_ckpt.ownership import OwnershipError
 from tests.conftest import TinyMLP, assert_trees_equal, pure
+from tests.gcs_emulator import Emulator
 from tests.training import make_trainer
 
 LOSSES = [0.5, 0.2, 0.4, 0.3]
@@ -63,8 +68,11 @@ def test_round_trips_bit_for_bit(
     model, optimizer = _fresh()
     untouched = pure(optimizer)
     returned = load_checkpoint(
-        manager, model, which, optimizer=optimizer if with_optimizer else None
-    )  # type: ignore[arg-type]
+        manager,
+        model,
+        which,  # type: ignore[arg-type]
+        optimizer=optimizer if with_optimizer else None,
+    )
     assert returned is model
     assert_trees_equal(model, states[expected][0])
     assert_trees_equal(optimizer, states[expected][1] if with_optimizer else untouched)
@@ -155,7 +163,7 @@ def test_corrupt_checkpoint_is_skipped_with_a_warning(
         warnings.simplefilter("always")
         with MetricCheckpointManager(tmp_path) as manager:
             model, optimizer = _fresh()
-            load_checkpoint(manager, model, which, optimizer=optimizer)
+            load_checkpoint(manager, model, which, optimizer=optimizer)  # type: ignore[arg-type]
     messages = [str(w.message) for w in caught if issubclass(w.category, CorruptCheckpointWarning)]
     assert any(str(tmp_path / f"ck-{broken}") in m for m in messages) == warns, messages
     assert_trees_equal(model, states[fallback][0])
@@ -216,3 +224,169 @@ def test_a_checkpoint_saved_without_optimizer_is_a_mismatch_not_corruption(
     manager.close()
     kinds = [d.kind for d in DecisionHistory(tmp_path).read()]
     assert "skipped_corrupt" not in kinds
+
+
+class _Dense(nnx.Module):
+    """Parameters only: restoring it depends on no stored trainer state."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.layer = nnx.Linear(4, 3, rngs=rngs)
+
+
+def test_a_failing_item_leaves_model_and_optimizer_untouched(tmp_path: Path) -> None:
+    # The model's item restores, the optimizer's fails: neither may reach the live objects.
+    _write_run(tmp_path)
+    step_dir = tmp_path / "ck-3"
+    (step_dir / "artifex_manifest.json").unlink()  # nothing stops the damage before Orbax
+    for data_file in (step_dir / "optimizer" / "d").iterdir():
+        os.truncate(data_file, data_file.stat().st_size // 2)
+    model, optimizer = _fresh()
+    before = (pure(model), pure(optimizer))
+    with MetricCheckpointManager(tmp_path) as manager, pytest.raises(ValueError):
+        load_checkpoint(manager, model, 3, optimizer=optimizer)
+    assert_trees_equal(model, before[0])
+    assert_trees_equal(optimizer, before[1])
+
+
+def test_weights_only_checkpoint_restores_parameters_of_a_model_with_other_state(
+    tmp_path: Path,
+) -> None:
+    from artifex_ckpt.checkpointing import checkpoint_args
+
+    saved, _ = _fresh(1)
+    with MetricCheckpointManager(tmp_path) as manager:
+        manager.save(0, args=checkpoint_args(saved, weights_only=True))
+        manager.wait_until_finished()
+        model, _ = _fresh(2)
+        stats = pure(nnx.state(model, nnx.BatchStat))
+        load_checkpoint(manager, model, 0)
+    assert_trees_equal(nnx.state(model, nnx.Param), nnx.state(saved, nnx.Param))
+    assert_trees_equal(nnx.state(model, nnx.BatchStat), stats)
+
+
+def test_load_of_a_parameter_model_needs_no_trainer_state(tmp_path: Path) -> None:
+    # Nothing in the trainer state decides how a model of parameters alone is restored, so
+    # `load_checkpoint` does not read it; `restore_checkpoint`, which returns it, still
+    # finds the damage.
+    from artifex_ckpt.checkpointing import restore_checkpoint
+
+    saved = _Dense(nnx.Rngs(1))
+    with MetricCheckpointManager(tmp_path) as manager:
+        save_checkpoint(manager, saved, 0, metrics={"val_loss": 0.1})
+        manager.wait_until_finished()
+        step_dir = manager.step_path(0)
+        (step_dir / "artifex_manifest.json").unlink()
+        (step_dir / "trainer_state" / "metadata").write_text("[not json")
+        model = _Dense(nnx.Rngs(2))
+        load_checkpoint(manager, model, 0)
+        assert_trees_equal(model, saved)
+        with pytest.raises(CorruptCheckpointError, match="trainer_state/metadata is not JSON"):
+            restore_checkpoint(manager, _Dense(nnx.Rngs(3)), 0)
+
+
+def _forget_listings() -> None:
+    """Forget gcsfs's listing caches, as a fresh process starts without them."""
+    import gcsfs
+
+    for fs in list(gcsfs.GCSFileSystem._cache.values()):
+        fs.invalidate_cache()
+
+
+def _orbax_restore(
+    raw: ocp.CheckpointManager, model: nnx.Module, optimizer: nnx.Optimizer | None
+) -> None:
+    items = {"model": ocp.args.StandardRestore(nnx.to_pure_dict(nnx.state(model)))}
+    if optimizer is not None:
+        items["optimizer"] = ocp.args.StandardRestore(nnx.to_pure_dict(nnx.state(optimizer)))
+    raw.restore(raw.best_step(), args=ocp.args.Composite(**items))
+
+
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_verified_restore_on_gcs_costs_two_requests_beyond_orbax(
+    gcs_dir: epath.Path, gcs_bucket: Emulator, with_optimizer: bool
+) -> None:
+    # A verified restore reads the step's listing (sizes and CRC-32Cs) and its manifest;
+    # the commit record and metrics are covered by the manifest's checksums, and the
+    # trainer state decides nothing here, so nothing else is read.
+    saved: nnx.Module
+    saved, optimizer = _fresh(1) if with_optimizer else (_Dense(nnx.Rngs(1)), None)
+    with MetricCheckpointManager(gcs_dir, monitor="val_loss") as manager:
+        for step, loss in enumerate((0.3, 0.1, 0.2)):
+            save_checkpoint(manager, saved, step, optimizer=optimizer, metrics={"val_loss": loss})
+        manager.wait_until_finished()
+    model, target = _fresh(2) if with_optimizer else (_Dense(nnx.Rngs(2)), None)
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, best_fn=lambda metrics: metrics["val_loss"], best_mode="min"
+    )
+    counts = {}
+    with (
+        MetricCheckpointManager(
+            gcs_dir, options=ocp.CheckpointManagerOptions(read_only=True)
+        ) as manager,
+        ocp.CheckpointManager(
+            gcs_dir, options=options, handler_registry=default_handler_registry()
+        ) as raw,
+    ):
+        for name, restore in (
+            ("ours", lambda: load_checkpoint(manager, model, "best", optimizer=target)),
+            ("ours, verify=False", lambda: load_checkpoint(manager, model, "best", verify=False)),
+            ("raw", lambda: _orbax_restore(raw, model, target)),
+        ):
+            _forget_listings()
+            gcs_bucket.reset_count()
+            restore()
+            counts[name] = gcs_bucket.request_count()
+    assert_trees_equal(model, saved)
+    assert counts["ours"] <= counts["raw"] + 2, counts
+    # Unverified: the commit record, the metrics, the listing and the manifest (sizes).
+    assert counts["ours, verify=False"] <= counts["raw"] + 8, counts
+
+
+def _rewrite(path: epath.Path, change: Callable[[bytes], bytes]) -> None:
+    data = path.read_bytes()
+    changed = change(data)
+    assert changed != data and len(changed) == len(data)
+    path.write_bytes(changed)
+
+
+def test_changed_commit_record_on_gcs_is_skipped(gcs_dir: epath.Path) -> None:
+    # Same size, still valid JSON: only the manifest's checksum can tell.
+    model = _Dense(nnx.Rngs(1))
+    with MetricCheckpointManager(gcs_dir, monitor="val_loss", save_top_k=-1) as manager:
+        saved = []
+        for step, loss in enumerate((0.3, 0.1, 0.2)):
+            model = _Dense(nnx.Rngs(step))
+            saved.append(model)
+            save_checkpoint(manager, model, step, metrics={"val_loss": loss})
+        manager.wait_until_finished()
+        record = manager.step_path(1) / "_CHECKPOINT_METADATA"
+    _rewrite(record, lambda data: data.replace(b"1", b"2", 1))
+    _forget_listings()
+    with MetricCheckpointManager(gcs_dir) as manager:
+        target = _Dense(nnx.Rngs(9))
+        with pytest.warns(CorruptCheckpointWarning, match=r"/1 failed to restore.*_CHECKPOINT"):
+            load_checkpoint(manager, target, "best")
+    assert_trees_equal(target, saved[2])
+
+
+def test_damaged_commit_record_without_manifest_on_gcs_is_skipped(gcs_dir: epath.Path) -> None:
+    # No manifest to vouch for the commit record: it is read, and found wanting.
+    with MetricCheckpointManager(gcs_dir, monitor="val_loss", save_top_k=-1) as manager:
+        saved = []
+        for step, loss in enumerate((0.3, 0.1, 0.2)):
+            model = _Dense(nnx.Rngs(step))
+            saved.append(model)
+            save_checkpoint(manager, model, step, metrics={"val_loss": loss})
+        manager.wait_until_finished()
+        step_dir = manager.step_path(1)
+    (step_dir / "artifex_manifest.json").unlink()
+    _rewrite(step_dir / "_CHECKPOINT_METADATA", lambda data: b"[" + data[1:])
+    _forget_listings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with MetricCheckpointManager(gcs_dir) as manager:
+            target = _Dense(nnx.Rngs(9))
+            load_checkpoint(manager, target, "best")
+    messages = [str(w.message) for w in caught if issubclass(w.category, CorruptCheckpointWarning)]
+    assert any("/1 failed to restore" in m and "commit" in m for m in messages), messages
+    assert_trees_equal(target, saved[2])

@@ -136,6 +136,18 @@ def test_intact_checkpoint_verifies_ok(step_dir: Path) -> None:
         assert check.ok and check.directory == os.fspath(step_dir)
 
 
+def test_check_carries_the_manifest_it_compared_with(step_dir: Path) -> None:
+    # A caller learns which files a check covered without reading the manifest again.
+    manifest = read_manifest(step_dir)
+    assert manifest is not None
+    for deep in (False, True):
+        assert verify(step_dir, deep=deep).manifest == manifest
+    (step_dir / "model" / "_METADATA").unlink()
+    assert verify(step_dir, deep=False).manifest == manifest
+    (step_dir / MANIFEST_FILE).unlink()
+    assert verify(step_dir).manifest is None
+
+
 def test_rewritten_manifest_does_not_list_itself(step_dir: Path) -> None:
     first = read_manifest(step_dir)
     assert write_manifest(step_dir) == first
@@ -351,6 +363,7 @@ def test_gcs_manifest_is_the_local_one_and_costs_a_listing_and_a_write(
         check = verify(remote_step, deep=deep)
         assert (check.status, check.problems, check.unlisted) == ("ok", (), ())
         assert check.directory == os.fspath(remote_step)
+        assert check.manifest == read_manifest(local)
 
 
 def _manifest_bytes(local: Path) -> bytes:
