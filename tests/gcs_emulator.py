@@ -2,13 +2,15 @@
 
 Run as a script (`python tests/gcs_emulator.py PORT PARENT_PID`) this module is the
 launcher: it serves an in-memory bucket named `bucket` on 127.0.0.1:PORT with
-`gcp-storage-emulator` until stopped or orphaned, patched in four ways:
+`gcp-storage-emulator` until stopped or orphaned, patched in five ways:
 
 - a `moveTo` route (gcsfs renames objects with it; without it every rename waits
   ~33 s for retries before gcsfs falls back to copy + delete);
 - the `x-goog-generation` header on downloads (tensorstore takes a read's generation
   from it; without it a read-modify-write, such as an OCDBT manifest update, fails
   with "Malformed StorageGeneration");
+- multipart uploads read byte for byte (the emulator's email parser dropped a final `\r`
+  of binary content);
 - a listen backlog of 128 instead of 5 (tensorstore opens many connections at once);
 - a request counter: `GET /_count` answers `{"total": n, "by_method": {...}}` and
   `POST /_reset` zeroes it, so benchmarks can count what a call costs in requests.
@@ -229,6 +231,31 @@ def gcs_dir(gcs_bucket: Emulator) -> epath.Path:
     return epath.Path(f"gs://{BUCKET}/test-{uuid.uuid4().hex[:12]}")
 
 
+def _multipart_upload(raw: bytes, content_type: str) -> dict[str, Any]:
+    """The metadata and the exact bytes of a multipart upload. The emulator's own parser
+    (Python's email parser) reads line endings into the content, and drops a final `\r`
+    of binary data, where the part ends at the line break before the next delimiter (`\n`
+    from gcsfs, `\r\n` from clients that follow RFC 2046)."""
+    boundary = content_type.split("boundary=", 1)[1].split(";")[0].strip().strip('"')
+    pieces = raw.split(b"--" + boundary.encode())[1:-1]
+    crlf = pieces[0].startswith(b"\r\n")
+    newline = b"\r\n" if crlf else b"\n"
+    parts = []
+    for piece in pieces:
+        head, _, body = piece[len(newline) :].partition(newline * 2)
+        if body.endswith(newline):
+            body = body[: -len(newline)]
+        headers = dict(
+            (name.strip().lower(), value.strip())
+            for line in head.decode().split(newline.decode())
+            for name, _, value in [line.partition(":")]
+        )
+        parts.append((headers, body))
+    (_, meta), (headers, content) = parts[0], parts[1]
+    kind = headers.get("content-type", "application/octet-stream").split(";")[0]
+    return {"meta": json.loads(meta), "content": content, "content-type": kind}
+
+
 def _serve(port: int, parent: int) -> None:
     """The launcher: the patched emulator on 127.0.0.1:`port` until SIGTERM, or until
     process `parent` is gone (killed without a chance to stop it)."""
@@ -305,6 +332,16 @@ def _serve(port: int, parent: int) -> None:
         handle(router, method)
 
     server.Router.handle = counting_handle
+    read_data = server._read_data
+
+    def read_data_exactly(request_handler: Any, query: Any) -> Any:
+        content_type = request_handler.headers.get("Content-Type") or ""
+        if not content_type.startswith("multipart/related"):
+            return read_data(request_handler, query)
+        raw = server._decode_raw_data(server._read_raw_data(request_handler), request_handler)
+        return _multipart_upload(raw, content_type) if raw else None
+
+    server._read_data = read_data_exactly
     http.server.HTTPServer.request_queue_size = 128
     report_error = http.server.HTTPServer.handle_error
 
