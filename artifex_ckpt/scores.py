@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 
 from etils import epath
 
+from artifex_ckpt.directory import is_local, read_object
 from artifex_ckpt.errors import CorruptCheckpointWarning
 from artifex_ckpt.listing import irregular
 from artifex_ckpt.manifest import DamagedManifestError, read_manifest
@@ -67,6 +69,15 @@ class StoredScores:
         self, step_dir: epath.Path, step: int, orbax_metrics: Callable[[int], Any]
     ) -> str | None:
         """Why the metrics of `step` cannot be read, or None."""
+        if not is_local(step_dir):
+            # One download, where Orbax's reader asks whether the file exists first (B7).
+            try:
+                data = read_object(step_dir / METRICS_FILE)
+                if data is not None:
+                    json.loads(data)
+            except _READ_ERRORS as err:
+                return f"{METRICS_FILE} cannot be read ({err})"
+            return None
         problem = irregular(step_dir / METRICS_FILE)
         if problem is not None:
             return f"{METRICS_FILE} {problem}"

@@ -31,7 +31,7 @@ from artifex_ckpt.directory import (
     write_atomic,
     write_atomic_text,
 )
-from artifex_ckpt.errors import ConfigError
+from artifex_ckpt.errors import ConfigError, CorruptCheckpointError, CorruptCheckpointWarning
 from artifex_ckpt.history import HISTORY_FILE, Decision, DecisionHistory, to_json_line
 from artifex_ckpt.listing import COMMIT_RECORD, commit_problem
 from artifex_ckpt.settings import SETTINGS_FILE, RetentionSettings
@@ -420,3 +420,26 @@ def test_the_emulator_keeps_binary_uploads_byte_for_byte(gcs_dir: epath.Path) ->
     for data in (b"ends in CR\r", b"\r\n\r\n", b"\n", bytes(range(256)) * 3 + b"\r"):
         fs.pipe_file(root, data)
         assert fs.cat_file(root) == data
+
+
+def test_unreadable_metrics_on_gcs_fail_the_intact_check_in_one_request(
+    gcs_dir: epath.Path, gcs_bucket: Emulator
+) -> None:
+    with MetricCheckpointManager(gcs_dir, filename="m-{epoch}-{val_loss:.2f}") as manager:
+        for step, loss in enumerate((0.3, 0.5)):
+            state = {"w": np.full(3, step, np.float32)}
+            manager.save(step, args=ocp.args.StandardSave(state), metrics={"val_loss": loss})
+    fs, root = fsspec.core.url_to_fs(os.fspath(gcs_dir / "m-0-0.30" / "metrics" / "metrics"))
+    fs.pipe_file(root, b'{"val_loss": ')
+    reader = ocp.CheckpointManagerOptions(read_only=True)
+    with (
+        pytest.warns(CorruptCheckpointWarning, match="read from its name"),
+        MetricCheckpointManager(gcs_dir, options=reader) as manager,
+    ):
+        assert manager.best_step() == 0
+        with pytest.raises(CorruptCheckpointError, match="unreadable metrics"):
+            manager.check_intact(0)
+        gcs_bucket.reset_count()
+        manager.check_intact(1)
+        # The commit record, the metrics and the manifest's listing and object.
+        assert gcs_bucket.request_count() <= 4
