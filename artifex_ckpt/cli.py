@@ -216,11 +216,9 @@ def _verify(args: argparse.Namespace, console: Console) -> int:
     plan = plan_manager(
         root, RetentionSettings.load(root), {}, ocp.CheckpointManagerOptions(read_only=True)
     )
-    found = {
-        metadata.path.name: metadata.step
-        for metadata in plan.step_names.find_all(root)
-        if not _is_link(metadata.path)
-    }
+    # The listing leaves out links back into the run; a checkpoint linked from another disk
+    # is verified through its link, as the manager restores it.
+    found = {metadata.path.name: metadata.step for metadata in plan.step_names.find_all(root)}
     names = sorted(found, key=lambda name: found[name])
     if args.checkpoint is not None:
         names = [_named(root, args.checkpoint, found)]

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 
 from etils import epath
 from orbax.checkpoint.path import step as step_lib
 from rich.markup import escape
 from rich.table import Table
 
-from artifex_ckpt.directory import is_local, tree_size
+from artifex_ckpt.directory import tree_size
 from artifex_ckpt.manager import MetricCheckpointManager
 
 __all__ = ["best_listed_step", "checkpoint_table", "human_size", "listed_steps"]
@@ -36,10 +35,11 @@ def human_size(total: float) -> str:
 
 
 def listed_steps(manager: MetricCheckpointManager) -> list[int]:
-    """The manager's retained steps, ascending, without those whose directory is a symlink.
+    """The manager's retained steps, ascending: what `ls` lists and `best` chooses from.
 
-    Orbax writes no symbolic links; a link named like a checkpoint (`ckpt-7 -> .`) is foreign,
-    and following it would show (or restore) some other directory.
+    A link named like a checkpoint that leads back into the run (`ckpt-7 -> .`) is not
+    among them (the manager's listing leaves it out, with a warning); a checkpoint moved to
+    another disk and linked back is, as the manager restores it.
 
     Example:
         ```python
@@ -47,7 +47,7 @@ def listed_steps(manager: MetricCheckpointManager) -> list[int]:
             print(step, manager.step_path(step).name)
         ```
     """
-    return [step for step in sorted(manager.all_steps()) if not _is_link(manager, step)]
+    return sorted(manager.all_steps())
 
 
 def best_listed_step(manager: MetricCheckpointManager) -> int | None:
@@ -120,8 +120,3 @@ def _size_and_time(path: epath.Path, step: int) -> tuple[str, str]:
         return size, GONE if not path.exists() else "?"
     moment = datetime.datetime.fromtimestamp(nanoseconds / 1e9)
     return size, moment.strftime("%m-%d %H:%M:%S")
-
-
-def _is_link(manager: MetricCheckpointManager, step: int) -> bool:
-    path = manager.step_path(step)
-    return is_local(path) and os.path.islink(os.fspath(path))

@@ -528,6 +528,23 @@ def test_a_symlink_named_like_a_checkpoint_is_not_one(
     assert status == 0 and "ck-7" not in out
 
 
+def test_a_checkpoint_linked_from_another_disk_is_listed_chosen_and_verified(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The best checkpoint moved to another disk and linked back: the manager restores it
+    # through the link, so the CLI shows, chooses and checks it as well.
+    elsewhere = tmp_path / "other-disk" / "ck-1-0.300"
+    elsewhere.parent.mkdir()
+    shutil.move(run / "ck-1-0.300", elsewhere)
+    (run / "ck-1-0.300").symlink_to(elsewhere)
+    status, out, _ = cli(capsys, "ls", run)
+    assert status == 0 and set(rows(out)) == set(RETAINED)
+    assert rows(out)["ck-1-0.300"][3] == "*"
+    assert cli(capsys, "best", run)[1].strip() == str(run / "ck-1-0.300")
+    status, out, _ = cli(capsys, "verify", run)
+    assert status == 0 and "ck-1-0.300" in out
+
+
 def test_table_marks_a_checkpoint_that_vanished_after_listing(run: Path) -> None:
     options = ocp.CheckpointManagerOptions(read_only=True)
     with MetricCheckpointManager(run, options=options) as manager:
