@@ -540,6 +540,7 @@ def test_a_checkpoint_linked_from_another_disk_is_listed_chosen_and_verified(
     status, out, _ = cli(capsys, "ls", run)
     assert status == 0 and set(rows(out)) == set(RETAINED)
     assert rows(out)["ck-1-0.300"][3] == "*"
+    assert rows(out)["ck-1-0.300"][5] == rows(out)["ck-2-0.400"][5]  # sized through the link
     assert cli(capsys, "best", run)[1].strip() == str(run / "ck-1-0.300")
     status, out, _ = cli(capsys, "verify", run)
     assert status == 0 and "ck-1-0.300" in out
