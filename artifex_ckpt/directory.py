@@ -21,7 +21,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from etils import epath
@@ -265,21 +265,25 @@ def read_object(path: epath.Path) -> bytes | None:
         return None
 
 
-def remove_uncommitted(directory: epath.Path, committed: Collection[str]) -> list[str]:
+def remove_uncommitted(
+    directory: epath.Path, committed: Collection[str], is_step: Callable[[str], bool]
+) -> list[str]:
     """On an object store, remove the saves under `directory` that never committed; returns
     the names removed.
 
     Orbax saves to the final name there and marks the commit with `commit_success.txt`;
     its own start-up scan (`cleanup_tmp_directories`) asks every entry for that mark, two
     to four requests each, even for the checkpoints its listing has just found committed.
-    This lists `directory` once and asks only the sub-prefixes not in `committed` (the
-    names of the steps the caller's listing found committed): with nothing unfinished, one
-    request in all. Like Orbax's scan, every sub-prefix without the mark is removed, and
-    objects are left alone. Locally it does nothing (see `remove_unfinished`).
+    This lists `directory` once and asks only the sub-prefixes named like a step
+    (`is_step`) that are not in `committed` (the names of the steps the caller's listing
+    found committed): with nothing unfinished, one request in all. Such a prefix without the
+    mark is removed. Anything else is left alone: objects, the quarantine, prefixes of the
+    user's own (Orbax's scan removed every prefix without the mark). Locally it does nothing
+    (see `remove_unfinished`).
 
     Example:
         ```python
-        removed = remove_uncommitted(epath.Path("gs://bucket/run"), {"1", "2"})
+        removed = remove_uncommitted(epath.Path("gs://bucket/run"), {"1", "2"}, str.isdigit)
         ```
     """
     if is_local(directory):
@@ -299,7 +303,7 @@ def remove_uncommitted(directory: epath.Path, committed: Collection[str]) -> lis
     removed = []
     for entry in entries:
         name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
-        if entry.get("type") != "directory" or name in committed:
+        if entry.get("type") != "directory" or name in committed or not is_step(name):
             continue
         try:
             fs.cat_file(f"{root}/{name}/{COMMIT_SUCCESS}")

@@ -113,7 +113,14 @@ class ManagerPlan:
             for step in committed:
                 with contextlib.suppress(StepError):  # unknown: asked for its mark instead
                     names.add(self.step_name(step))
-            remove_uncommitted(self.directory, names)
+            remove_uncommitted(self.directory, names, self.is_step_name)
+
+    def is_step_name(self, name: str) -> bool:
+        """Whether `name` is a step directory's name under this plan (a template's, with a
+        partial checkpoint's tag or not; else Orbax's numeric one)."""
+        if self.name_format is not None:
+            return self.name_format.step_of(name) is not None
+        return name.isascii() and name.isdigit()
 
     def require_directory(self) -> None:
         """Locally, raise `ConfigError` unless the run directory is still a writable

@@ -34,6 +34,7 @@ from artifex_ckpt.directory import (
 from artifex_ckpt.errors import ConfigError, CorruptCheckpointError, CorruptCheckpointWarning
 from artifex_ckpt.history import HISTORY_FILE, Decision, DecisionHistory, to_json_line
 from artifex_ckpt.listing import COMMIT_RECORD, commit_problem
+from artifex_ckpt.quarantine import quarantine
 from artifex_ckpt.settings import SETTINGS_FILE, RetentionSettings
 from tests.conftest import TinyMLP, assert_trees_equal
 from tests.gcs_emulator import BUCKET, Emulator
@@ -368,6 +369,10 @@ def test_read_object_is_one_request_and_refuses_local_paths(
 # remove_uncommitted()
 
 
+def _numeric(name: str) -> bool:
+    return name.isdigit()
+
+
 def test_remove_uncommitted_asks_only_what_the_listing_did_not_find_committed(
     gcs_dir: epath.Path, gcs_bucket: Emulator
 ) -> None:
@@ -375,22 +380,27 @@ def test_remove_uncommitted_asks_only_what_the_listing_did_not_find_committed(
         (gcs_dir / name / "commit_success.txt").write_text("ok")
         (gcs_dir / name / "d" / "x").write_text("data")
     (gcs_dir / "3" / "d" / "x").write_text("a crashed save")  # no commit mark
-    (gcs_dir / "late" / "commit_success.txt").write_text("ok")  # committed, not listed
+    (gcs_dir / "late" / "commit_success.txt").write_text("ok")  # not named like a step
     (gcs_dir / SETTINGS_FILE).write_text("{}")
-    assert remove_uncommitted(gcs_dir, {"1", "2"}) == ["3"]
+    (gcs_dir / ".artifex-quarantine" / "0" / "d" / "x").write_text("moved aside")
+    (gcs_dir / "tensorboard" / "events").write_text("the user's own")
+    assert remove_uncommitted(gcs_dir, {"1", "2"}, _numeric) == ["3"]
     assert objects_under(gcs_dir) == {
         "1/commit_success.txt",
         "1/d/x",
         "2/commit_success.txt",
         "2/d/x",
         "late/commit_success.txt",
+        ".artifex-quarantine/0/d/x",
+        "tensorboard/events",
         SETTINGS_FILE,
     }
+    (gcs_dir / "4" / "commit_success.txt").write_text("ok")  # committed, not listed
     gcs_bucket.reset_count()
-    assert remove_uncommitted(gcs_dir, {"1", "2", "late"}) == []
+    assert remove_uncommitted(gcs_dir, {"1", "2", "4"}, _numeric) == []
     assert gcs_bucket.request_count() == 1  # one listing; Orbax's scan asks every entry
     gcs_bucket.reset_count()
-    assert remove_uncommitted(gcs_dir, {"1", "2"}) == []
+    assert remove_uncommitted(gcs_dir, {"1", "2"}, _numeric) == []
     assert gcs_bucket.request_count() == 2  # and one look at the one prefix not known
 
 
@@ -398,9 +408,9 @@ def test_remove_uncommitted_is_a_no_op_locally_and_on_an_absent_prefix(
     gcs_dir: epath.Path, tmp_path: Path
 ) -> None:
     (tmp_path / "3").mkdir()
-    assert remove_uncommitted(epath.Path(tmp_path), set()) == []
+    assert remove_uncommitted(epath.Path(tmp_path), set(), _numeric) == []
     assert (tmp_path / "3").is_dir()
-    assert remove_uncommitted(gcs_dir / "absent", set()) == []
+    assert remove_uncommitted(gcs_dir / "absent", set(), _numeric) == []
 
 
 # A writer on a bucket it cannot write
@@ -443,3 +453,21 @@ def test_unreadable_metrics_on_gcs_fail_the_intact_check_in_one_request(
         manager.check_intact(1)
         # The commit record, the metrics and the manifest's listing and object.
         assert gcs_bucket.request_count() <= 4
+
+
+def test_a_writer_opening_on_gcs_leaves_the_quarantine_and_other_prefixes_alone(
+    gcs_dir: epath.Path,
+) -> None:
+    with MetricCheckpointManager(gcs_dir, filename="m-{epoch}", save_top_k=-1) as manager:
+        for step in range(2):
+            state = {"w": np.full(3, step, np.float32)}
+            manager.save(step, args=ocp.args.StandardSave(state), metrics={"val_loss": 0.1})
+    moved = quarantine(gcs_dir, "m-0", reason="test")
+    (gcs_dir / "tensorboard" / "events").write_text("the user's own")
+    (gcs_dir / "m-7" / "d" / "x").write_text("a crashed save")  # named like a step, no mark
+    before = objects_under(moved)
+    with MetricCheckpointManager(gcs_dir) as manager:
+        assert manager.all_steps() == [1]
+    assert objects_under(moved) == before and before
+    assert (gcs_dir / "tensorboard" / "events").read_text() == "the user's own"
+    assert not any(name.startswith("m-7/") for name in objects_under(gcs_dir))
