@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
@@ -40,17 +41,21 @@ _FIRST_POLL_S, _LONGEST_POLL_S = 0.002, 0.05
 class Housekeeper:
     """Runs `tasks` after each save finishes, on one background thread kept for the writer's
     life: handing work to a running thread costs microseconds, where starting a thread per
-    save blocked the loop for milliseconds while Orbax's writers held the GIL (B2)."""
+    save blocked the loop for milliseconds while Orbax's writers held the GIL (B2). In a
+    process forked from the writer it does nothing: the work is the parent's."""
 
     def __init__(self, tasks: Sequence[Task]) -> None:
         self._tasks = tuple(tasks)
         self._worker: ThreadPoolExecutor | None = None
         self._runs: list[Future[None]] = []
+        self._pid = os.getpid()
         self._problems: list[str] = []
         self._lock = threading.Lock()
 
     def after_save(self, saving: Callable[[], bool]) -> None:
         """Run the tasks once `saving()` turns False (the save committed or failed)."""
+        if self._forked():
+            return
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="artifex-ckpt-housekeeping")
         self._runs = [run for run in self._runs if not run.done()]
@@ -58,6 +63,8 @@ class Housekeeper:
 
     def join(self) -> None:
         """Wait for the background runs, if any."""
+        if self._forked():
+            return
         runs, self._runs = self._runs, []
         for run in runs:
             run.result()
@@ -65,6 +72,8 @@ class Housekeeper:
     def finish(self) -> None:
         """Wait for the background runs, run the tasks now, and warn about any problem.
         Call only when no save is in flight."""
+        if self._forked():
+            return
         self.join()
         self._run()
         with self._lock:
@@ -78,6 +87,14 @@ class Housekeeper:
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.shutdown(wait=True)
+
+    def _forked(self) -> bool:
+        # In a forked child the parent's thread does not exist (waiting for its runs would
+        # block forever) and the work is the parent's: the child does none of it.
+        if os.getpid() == self._pid:
+            return False
+        self._worker, self._runs = None, []
+        return True
 
     def _when_done(self, saving: Callable[[], bool]) -> None:
         pause = _FIRST_POLL_S

@@ -256,12 +256,11 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         return self._gate.admits(step, monitor, value, self._infos)
 
     def decline(self, step: int, metrics: Mapping[str, float] | None) -> None:
-        """Record in the run's history that a checkpoint of `step` was not written because it
-        would not enter the top k (`would_keep` said no).
-
-        `save` records its own refusals; a caller that asks `would_keep` first and then skips
-        `save` (so as not to gather the state) calls this instead. Readers record nothing.
-        """
+        """Record in the history that a checkpoint of `step` was not written, as `save` does
+        when `would_keep` says no: for a caller that asks `would_keep` itself before gathering
+        the state. Readers record nothing. Raises `OwnershipError` if another run took over."""
+        if self._claim is not None:
+            self._claim.refresh()
         if self._journal is not None:
             self._journal.declined(step, metrics, kth=self._gate.kth())
 

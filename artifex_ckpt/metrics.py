@@ -35,7 +35,13 @@ def to_float(name: str, value: object) -> float:
     # The common case first, a 0-d JAX or numpy array: read as a numpy array (one device
     # sync), whose dtype is cheap to check; float() of a JAX array costs 4x more (B1).
     if getattr(value, "ndim", None) == 0:
-        array = np.asarray(value)
+        try:
+            array = np.asarray(value)
+        except Exception as err:
+            raise MetricError(
+                f"metric {name!r} ({type(value).__name__}) cannot be read: "
+                f"{type(err).__name__}: {err}; a real number is needed"
+            ) from err
         if array.dtype.kind in _REAL_KINDS:
             return float(array)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):

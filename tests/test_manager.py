@@ -7,6 +7,9 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -29,6 +32,8 @@ from artifex_ckpt import (
     SettingsMismatchError,
     StepError,
 )
+from artifex_ckpt.housekeeping import Housekeeper
+from artifex_ckpt.ownership import OwnershipError
 from artifex_ckpt.settings import SETTINGS_FILE
 from tests.conftest import TinyMLP, assert_trees_equal, step_dirs
 
@@ -403,3 +408,56 @@ def test_a_save_whose_directory_cannot_be_created_fails_in_save(ckpt_dir: Path) 
         with pytest.warns(CheckpointWarning, match="could not remove the lease file"):
             mgr.close()
     assert ckpt_dir.read_text() == "a file where the run was"
+
+
+def test_a_decline_after_the_directory_was_taken_over_raises_and_records_nothing(
+    ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A short lease, so that the writer looks at it again within the test.
+    monkeypatch.setattr("artifex_ckpt.manager.STALE_AFTER_S", 0.4)
+    manager = MetricCheckpointManager(ckpt_dir, save_top_k=1, keep_last=False)
+    manager.save(0, args=_args(0), metrics={"val_loss": 0.1})
+    manager.wait_until_finished()
+    history = (ckpt_dir / "artifex_history.jsonl").read_text()
+    lease = ckpt_dir / "artifex_owner.json"
+    other = {**json.loads(lease.read_text()), "token": "f" * 32, "pid": 4242}
+    lease.write_text(json.dumps(other))
+    time.sleep(0.15)
+    assert not manager.would_keep(1, {"val_loss": 0.9})
+    with pytest.raises(OwnershipError, match="was taken over"):
+        manager.decline(1, {"val_loss": 0.9})
+    manager.close()
+    assert (ckpt_dir / "artifex_history.jsonl").read_text() == history
+    assert json.loads(lease.read_text())["token"] == "f" * 32
+
+
+def test_a_forked_child_neither_waits_for_nor_repeats_the_parents_housekeeping(
+    tmp_path: Path,
+) -> None:
+    done = tmp_path / "done"
+
+    def task() -> None:
+        with done.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    keeper = Housekeeper([task])
+    release = threading.Event()
+    keeper.after_save(lambda: not release.is_set())  # a save still in flight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # JAX warns that this process has threads
+        child = os.fork()
+    if child == 0:
+        keeper.finish()  # hung here, waiting for the parent's thread
+        keeper.close()
+        os._exit(0)
+    deadline = time.monotonic() + 20
+    while (ended := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ended[0] == 0:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    release.set()
+    keeper.finish()
+    keeper.close()
+    assert ended[0] == child and os.waitstatus_to_exitcode(ended[1]) == 0
+    assert done.read_text().split() == [str(os.getpid())] * 2  # the parent's run, then finish

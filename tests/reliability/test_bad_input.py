@@ -48,6 +48,15 @@ def _manager(root: Path) -> MetricCheckpointManager:
     return MetricCheckpointManager(root / "run")
 
 
+class _Unreadable:
+    """A 0-d array-like whose value cannot be read (a deleted or non-addressable array)."""
+
+    ndim = 0
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        raise RuntimeError("no device holds this value")
+
+
 def _save(root: Path, step: int = 9, **metrics: Any) -> None:
     with _manager(root) as manager:
         args = ocp.args.StandardSave({"w": np.zeros(2, np.float32)})
@@ -166,6 +175,12 @@ CASES: dict[str, Case] = {
         lambda r: _save(r, val_loss=np.ones(4)), MetricError, ("'val_loss'", "shape (4,)")
     ),
     "metric None": Case(lambda r: _save(r, val_loss=None), MetricError, ("'val_loss'", "None")),
+    "metric bool array": Case(
+        lambda r: _save(r, val_loss=np.asarray(True)), MetricError, ("'val_loss'", "real")
+    ),
+    "metric unreadable scalar": Case(
+        lambda r: _save(r, val_loss=_Unreadable()), MetricError, ("'val_loss'", "no device")
+    ),
     "metric in logs missing": Case(
         lambda r: _fit(r, CheckpointConfig(dirpath=r / "new", monitor="val_psnr")),
         MetricError,
