@@ -110,6 +110,9 @@ class Lease:
         self._require_held()
         if self._lost is not None:
             raise self._lost
+        # Checked without the lock first: this runs at every save and every declined epoch.
+        if time.monotonic() - self._last_write < self.refresh_every_s:
+            return False
         with self._lock:
             if time.monotonic() - self._last_write < self.refresh_every_s:
                 return False
