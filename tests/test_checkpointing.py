@@ -9,6 +9,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
@@ -253,12 +255,19 @@ def test_weights_only_checkpoint_restores_parameters_of_a_model_with_other_state
 ) -> None:
     from artifex_ckpt.checkpointing import checkpoint_args
 
+    def fill_stats(module: nnx.Module, value: float) -> None:
+        stats = nnx.state(module, nnx.BatchStat)
+        nnx.update(module, jax.tree.map(lambda a: np.full(a.shape, value, a.dtype), stats))
+
     saved, _ = _fresh(1)
+    fill_stats(saved, 3.0)  # statistics of the saved run: not in a weights-only checkpoint
     with MetricCheckpointManager(tmp_path) as manager:
         manager.save(0, args=checkpoint_args(saved, weights_only=True))
         manager.wait_until_finished()
         model, _ = _fresh(2)
+        fill_stats(model, 7.0)  # the live model's own, which the load must leave alone
         stats = pure(nnx.state(model, nnx.BatchStat))
+        assert jax.tree.leaves(stats)
         load_checkpoint(manager, model, 0)
     assert_trees_equal(nnx.state(model, nnx.Param), nnx.state(saved, nnx.Param))
     assert_trees_equal(nnx.state(model, nnx.BatchStat), stats)
