@@ -39,6 +39,7 @@ from etils import epath
 from artifex_ckpt.history import Decision, DecisionHistory
 from artifex_ckpt.listing import commit_problem
 from artifex_ckpt.manifest import write_manifest
+from artifex_ckpt.ownership import Claim
 from artifex_ckpt.plan import ManagerPlan
 
 __all__ = ["Committing", "Journal"]
@@ -65,9 +66,12 @@ class Journal:
     only as the newest) has no rank.
     """
 
-    def __init__(self, plan: ManagerPlan, history: DecisionHistory) -> None:
+    def __init__(
+        self, plan: ManagerPlan, history: DecisionHistory, claim: Claim | None = None
+    ) -> None:
         self._plan = plan
         self.history = history
+        self._claim = claim
         self.k = plan.settings.save_top_k
         self._lock = threading.Lock()
         self._committing: list[Committing] = []
@@ -77,9 +81,10 @@ class Journal:
         self._decisions: list[Decision] = []
 
     @classmethod
-    def of(cls, plan: ManagerPlan) -> Journal:
-        """The journal of a writer's plan: history in its directory, its retention rule."""
-        return cls(plan, DecisionHistory(plan.directory))
+    def of(cls, plan: ManagerPlan, claim: Claim | None = None) -> Journal:
+        """The journal of a writer's plan: history in its directory, its retention rule;
+        nothing is written once `claim` (the writer's hold on the directory) is lost."""
+        return cls(plan, DecisionHistory(plan.directory), claim)
 
     def started(
         self,
@@ -118,7 +123,10 @@ class Journal:
 
     def flush(self) -> list[str]:
         """Write manifests of committed saves and append every pending decision; returns what
-        went wrong (a manifest that could not be written). Call when no save is in flight."""
+        went wrong (a manifest that could not be written). Call when no save is in flight.
+        Raises `OwnershipError`, writing nothing, if another run took the directory over."""
+        if self._claim is not None:
+            self._claim.refresh()
         with self._lock:
             committing, self._committing = self._committing, []
             declined = [self._declined.popleft() for _ in range(len(self._declined))]

@@ -121,7 +121,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         self._settings_unsaved = plan.settings_unsaved
         self._in_flight: int | None = None
         self._gate = RetentionGate(plan.retention)
-        self._journal = Journal.of(plan) if plan.is_writer else None
+        self._journal = Journal.of(plan, self._claim) if plan.is_writer else None
         tasks: list[Task] = []
         if plan.is_writer and plan.trash is not None:
             tasks.append(TrashPurger(root).finish)

@@ -410,7 +410,7 @@ def test_a_save_whose_directory_cannot_be_created_fails_in_save(ckpt_dir: Path) 
     assert ckpt_dir.read_text() == "a file where the run was"
 
 
-def test_a_decline_after_the_directory_was_taken_over_raises_and_records_nothing(
+def test_after_a_takeover_declines_raise_and_nothing_more_is_recorded(
     ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A short lease, so that the writer looks at it again within the test.
@@ -419,14 +419,16 @@ def test_a_decline_after_the_directory_was_taken_over_raises_and_records_nothing
     manager.save(0, args=_args(0), metrics={"val_loss": 0.1})
     manager.wait_until_finished()
     history = (ckpt_dir / "artifex_history.jsonl").read_text()
+    assert not manager.would_keep(1, {"val_loss": 0.9})
+    manager.decline(1, {"val_loss": 0.9})  # recorded at the next flush
     lease = ckpt_dir / "artifex_owner.json"
     other = {**json.loads(lease.read_text()), "token": "f" * 32, "pid": 4242}
     lease.write_text(json.dumps(other))
     time.sleep(0.15)
-    assert not manager.would_keep(1, {"val_loss": 0.9})
     with pytest.raises(OwnershipError, match="was taken over"):
-        manager.decline(1, {"val_loss": 0.9})
-    manager.close()
+        manager.decline(2, {"val_loss": 0.9})
+    with pytest.warns(CheckpointWarning, match="was taken over"):
+        manager.close()  # the pending decline is not written into the other run's history
     assert (ckpt_dir / "artifex_history.jsonl").read_text() == history
     assert json.loads(lease.read_text())["token"] == "f" * 32
 
