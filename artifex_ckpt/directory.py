@@ -36,6 +36,7 @@ __all__ = [
     "TRASH",
     "TrashPurger",
     "absolute",
+    "file_kind",
     "forget_listing",
     "is_local",
     "read_object",
@@ -96,6 +97,27 @@ def absolute(directory: str | os.PathLike[str] | epath.Path) -> epath.Path:
 def is_local(directory: str | os.PathLike[str]) -> bool:
     """Whether `directory` is on a local file system (not an object-store URL)."""
     return "://" not in os.fspath(directory)
+
+
+def file_kind(mode: int) -> str:
+    """What a file of `st_mode` `mode` is, in words ("a FIFO", "a directory", ...): for
+    messages about a file that is not what a reader expected.
+
+    Example:
+        ```python
+        assert file_kind(os.stat("/tmp").st_mode) == "a directory"
+        ```
+    """
+    kinds = {
+        stat.S_ISREG: "a regular file",
+        stat.S_ISDIR: "a directory",
+        stat.S_ISLNK: "a symlink",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+    }
+    return next((text for test, text in kinds.items() if test(mode)), "a special file")
 
 
 def require_writable(directory: epath.Path) -> None:

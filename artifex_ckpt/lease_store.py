@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from etils import epath
 
-from artifex_ckpt.directory import is_local, write_atomic_text
+from artifex_ckpt.directory import file_kind, is_local, write_atomic_text
 from artifex_ckpt.owner import OwnerInfo, OwnershipError, damaged
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def _read_regular(name: str, shown: epath.Path) -> bytes | None:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise damaged(shown, f"is {_kind(mode)}, not a regular file")
+            raise damaged(shown, f"is {file_kind(mode)}, not a regular file")
         os.set_blocking(fd, True)
         chunks = []
         size = 0
@@ -215,14 +215,3 @@ def _read_regular(name: str, shown: epath.Path) -> bytes | None:
     if size > _MAX_BYTES:
         raise damaged(shown, f"is larger than {_MAX_BYTES} bytes")
     return b"".join(chunks)
-
-
-def _kind(mode: int) -> str:
-    kinds = {
-        stat.S_ISDIR: "a directory",
-        stat.S_ISFIFO: "a FIFO",
-        stat.S_ISSOCK: "a socket",
-        stat.S_ISCHR: "a character device",
-        stat.S_ISBLK: "a block device",
-    }
-    return next((text for test, text in kinds.items() if test(mode)), "a special file")

@@ -45,7 +45,7 @@ from etils import epath
 from orbax.checkpoint._src.metadata import step_metadata_serialization
 from orbax.checkpoint.path import step as step_lib
 
-from artifex_ckpt.directory import is_local, read_object
+from artifex_ckpt.directory import file_kind, is_local, read_object
 from artifex_ckpt.errors import (
     CheckpointWarning,
     CorruptCheckpointError,
@@ -81,9 +81,7 @@ def irregular(path: str | os.PathLike[str]) -> str | None:
         return f"cannot be examined ({err.strerror or err})"
     if stat.S_ISREG(mode):
         return None
-    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
-    kind = next((text for test, text in kinds.items() if test(mode)), "a special file")
-    return f"is {kind}, not a regular file"
+    return f"is {file_kind(mode)}, not a regular file"
 
 
 def commit_problem(step_dir: epath.Path, step: int) -> str | None:

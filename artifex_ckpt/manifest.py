@@ -49,7 +49,13 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 import google_crc32c
 from etils import epath
 
-from artifex_ckpt.directory import _filesystem, _no_cache_update, is_local, write_atomic_text
+from artifex_ckpt.directory import (
+    _filesystem,
+    _no_cache_update,
+    file_kind,
+    is_local,
+    write_atomic_text,
+)
 from artifex_ckpt.errors import CheckpointError, CheckpointNotFoundError
 
 if TYPE_CHECKING:
@@ -413,21 +419,9 @@ def _open_regular(path: str) -> int:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise OSError(errno.EINVAL, f"is {_kind(mode)}, not a regular file", path)
+        raise OSError(errno.EINVAL, f"is {file_kind(mode)}, not a regular file", path)
     os.set_blocking(fd, True)
     return fd
-
-
-def _kind(mode: int) -> str:
-    kinds = {
-        stat.S_ISDIR: "a directory",
-        stat.S_ISLNK: "a symlink",
-        stat.S_ISFIFO: "a FIFO",
-        stat.S_ISSOCK: "a socket",
-        stat.S_ISCHR: "a character device",
-        stat.S_ISBLK: "a block device",
-    }
-    return next((text for test, text in kinds.items() if test(mode)), "a special file")
 
 
 def _problem(directory: epath.Path, entry: ManifestEntry, deep: bool) -> str | None:
@@ -456,7 +450,7 @@ def _problem(directory: epath.Path, entry: ManifestEntry, deep: bool) -> str | N
 def _size(directory: epath.Path, relative: str) -> int | str:
     """The size of a regular file, or the kind of what is there instead."""
     info = os.lstat(_local(directory, relative))
-    return info.st_size if stat.S_ISREG(info.st_mode) else _kind(info.st_mode)
+    return info.st_size if stat.S_ISREG(info.st_mode) else file_kind(info.st_mode)
 
 
 def _write(directory: epath.Path, data: bytes) -> None:

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.path import step as step_lib
 
-from artifex_ckpt.directory import TRASH, absolute, is_local
+from artifex_ckpt.directory import TRASH, absolute, file_kind, is_local
 from artifex_ckpt.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from artifex_ckpt.history import HISTORY_FILE, Decision, DecisionHistory, HistoryWarning
 from artifex_ckpt.ownership import OwnershipError, read_owner
@@ -155,7 +155,7 @@ def _require_directory(root: epath.Path, source: epath.Path, listed: list[str]) 
             "(what it points to is not part of the run)"
         )
     if not stat.S_ISDIR(mode):
-        raise ConfigError(f"{where} is {_kind(mode)}, not a checkpoint directory")
+        raise ConfigError(f"{where} is {file_kind(mode)}, not a checkpoint directory")
 
 
 def _listed(root: epath.Path) -> tuple[RetentionSettings | None, dict[str, int]]:
@@ -317,7 +317,7 @@ def _record(root: epath.Path, decision: Decision) -> None:
             # Appending opens it, and opening a FIFO blocks.
             warnings.warn(
                 HistoryWarning(
-                    f"decision history {os.fspath(history)} is {_kind(mode)}, not a regular "
+                    f"decision history {os.fspath(history)} is {file_kind(mode)}, not a regular "
                     f"file; the quarantine of {decision.name} is not recorded"
                 ),
                 stacklevel=3,
@@ -325,15 +325,3 @@ def _record(root: epath.Path, decision: Decision) -> None:
             return
     with DecisionHistory(root) as writer:
         writer.append(decision)
-
-
-def _kind(mode: int) -> str:
-    kinds = {
-        stat.S_ISREG: "a regular file",
-        stat.S_ISDIR: "a directory",
-        stat.S_ISFIFO: "a FIFO",
-        stat.S_ISSOCK: "a socket",
-        stat.S_ISCHR: "a character device",
-        stat.S_ISBLK: "a block device",
-    }
-    return next((text for test, text in kinds.items() if test(mode)), "a special file")
