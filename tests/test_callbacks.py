@@ -25,19 +25,7 @@ from artifex_ckpt import (
 )
 from artifex_ckpt.history import DecisionHistory
 from tests.conftest import assert_trees_equal, step_dirs
-from tests.training import make_trainer
-
-
-class ScriptedMetric(BaseCallback):
-    """Overwrites one metric in the epoch logs (before later callbacks see them)."""
-
-    __slots__ = ("name", "values")
-
-    def __init__(self, name: str, values: list[Any]) -> None:
-        self.name, self.values = name, values
-
-    def on_epoch_end(self, trainer: Any, epoch: int, logs: Any) -> None:
-        logs[self.name] = self.values[epoch]
+from tests.training import ScriptedMetric, make_trainer
 
 
 class Untouchable:

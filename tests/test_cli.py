@@ -27,8 +27,7 @@ from artifex_ckpt import CheckpointConfig, MetricCheckpointManager, ModelCheckpo
 from artifex_ckpt.cli import main
 from artifex_ckpt.table import checkpoint_table
 from tests.gcs_emulator import Emulator
-from tests.test_callbacks import ScriptedMetric
-from tests.training import make_trainer
+from tests.training import ScriptedMetric, make_trainer
 
 TEMPLATE = "ck-{epoch}-{val_loss:.3f}"
 LOSSES = (0.5, 0.3, 0.4, 0.6)

@@ -21,8 +21,7 @@ from artifex_ckpt import (
     ProgressBarConfig,
 )
 from artifex_ckpt.trainer import Trainer
-from tests.test_callbacks import ScriptedMetric
-from tests.training import make_trainer
+from tests.training import ScriptedMetric, make_trainer
 
 
 @functools.cache

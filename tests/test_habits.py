@@ -29,8 +29,7 @@ from artifex_ckpt import (
 from artifex_ckpt.history import DecisionHistory
 from artifex_ckpt.trainer import Trainer
 from tests.conftest import step_dirs
-from tests.test_callbacks import ScriptedMetric
-from tests.training import batches, make_trainer
+from tests.training import ScriptedMetric, batches, make_trainer
 
 Copier = Callable[[Any], Any]
 COPIERS: dict[str, Copier] = {

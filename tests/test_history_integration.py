@@ -44,9 +44,8 @@ from artifex_ckpt.plan import plan_manager
 from artifex_ckpt.plot import PlotData, Series, draw_history, plot_data
 from artifex_ckpt.trainer import Trainer
 from tests.conftest import TinyMLP, step_dirs
-from tests.test_callbacks import ScriptedMetric
 from tests.test_habits import ValidateEvery
-from tests.training import make_trainer
+from tests.training import ScriptedMetric, make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_IMAGE = ROOT / "docs" / "img" / "demo-curve.png"

@@ -35,7 +35,7 @@ from artifex_ckpt.data_state import DATA_ITEM, is_grain_source
 from artifex_ckpt.history import DecisionHistory
 from artifex_ckpt.policies import PARTIAL_METRIC
 from tests.conftest import TinyMLP, assert_trees_equal, step_dirs
-from tests.training import batches, make_trainer, mse_loss
+from tests.training import ScriptedMetric, batches, make_trainer, mse_loss
 
 grain = pytest.importorskip("grain")
 
@@ -275,18 +275,6 @@ def test_sigterm_mid_epoch_saves_then_resume_matches_the_uninterrupted_run(
     assert ("evicted", "m-01-006-none-preempted") in [(d.kind, d.name) for d in history]
 
 
-class Scores(BaseCallback):
-    """Sets the epoch's `score` (before later callbacks see the logs)."""
-
-    __slots__ = ("values",)
-
-    def __init__(self, values: list[float]) -> None:
-        self.values = values
-
-    def on_epoch_end(self, trainer: Any, epoch: int, logs: Any) -> None:
-        logs["score"] = self.values[epoch]
-
-
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_resumed_epoch_outside_the_top_k_keeps_its_partial_checkpoint(
     tmp_path: Path, verbose: bool
@@ -299,7 +287,7 @@ def test_a_resumed_epoch_outside_the_top_k_keeps_its_partial_checkpoint(
         save_last=False,
         verbose=verbose,
     )
-    scores = Scores([0.1, 0.9, 0.05])
+    scores = ScriptedMetric("score", [0.1, 0.9, 0.05])
     with pytest.raises(TrainingPreempted) as info:
         make_trainer(epochs=EPOCHS).fit(callbacks=[scores, Signal(at=6), ModelCheckpoint(config)])
     assert info.value.checkpoint is not None
@@ -571,22 +559,10 @@ def test_errors_before_training_reach_on_exception_and_release_the_directory(
 # --- resume from any checkpoint ---------------------------------------------------------
 
 
-class ScriptedValLoss(BaseCallback):
-    """Overwrites `val_loss` in the epoch logs (before ModelCheckpoint reads them)."""
-
-    __slots__ = ("values",)
-
-    def __init__(self, values: list[float]) -> None:
-        self.values = values
-
-    def on_epoch_end(self, trainer: Any, epoch: int, logs: Any) -> None:
-        logs["val_loss"] = self.values[epoch]
-
-
 def test_resume_from_best_a_step_or_a_path(tmp_path: Path, reference: Trainer) -> None:
     run = tmp_path / "run"
     config = CheckpointConfig(dirpath=run, save_top_k=-1, filename="r-{epoch}")
-    scripted = ScriptedValLoss([0.4, 0.5, 0.3, 0.2])
+    scripted = ScriptedMetric("val_loss", [0.4, 0.5, 0.3, 0.2])
     make_trainer(epochs=2).fit(callbacks=[scripted, ModelCheckpoint(config)])
 
     # Epoch 0 is the best, epoch 1 the newest: resuming from epoch 0 would write over 1.

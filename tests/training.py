@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from artifex_ckpt import Trainer
+from artifex_ckpt import BaseCallback, Trainer
 from tests.conftest import TinyMLP
 
 
@@ -35,3 +35,15 @@ def make_trainer(epochs: int = 3, seed: int = 0, n_train: int = 4) -> Trainer:
     model = TinyMLP(nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     return Trainer(model, optimizer, mse_loss, batches(n_train, 1), batches(2, 2), epochs=epochs)
+
+
+class ScriptedMetric(BaseCallback):
+    """Overwrites one metric in the epoch logs (before later callbacks see them)."""
+
+    __slots__ = ("name", "values")
+
+    def __init__(self, name: str, values: list[Any]) -> None:
+        self.name, self.values = name, values
+
+    def on_epoch_end(self, trainer: Any, epoch: int, logs: Any) -> None:
+        logs[self.name] = self.values[epoch]
