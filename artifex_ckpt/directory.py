@@ -16,6 +16,7 @@ deletes evicted steps itself, so there the purger does nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -34,12 +35,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TRASH",
+    "NotRegularFileError",
     "TrashPurger",
     "absolute",
     "file_kind",
+    "filesystem",
+    "find_uncached",
     "forget_listing",
     "is_local",
+    "open_regular",
     "read_object",
+    "read_regular",
     "remove_uncommitted",
     "remove_unfinished",
     "require_writable",
@@ -120,6 +126,74 @@ def file_kind(mode: int) -> str:
     return next((text for test, text in kinds.items() if test(mode)), "a special file")
 
 
+class NotRegularFileError(OSError):
+    """A file a reader expected to be regular is something else: `kind` says what, in
+    `file_kind`'s words. Its `strerror` reads "is a FIFO, not a regular file"."""
+
+    def __init__(self, kind: str, path: str) -> None:
+        code = errno.ELOOP if kind == "a symlink" else errno.EINVAL
+        super().__init__(code, f"is {kind}, not a regular file", path)
+        self.kind = kind
+
+
+# A symlink is refused by the kernel (O_NOFOLLOW); opening a FIFO for reading would wait
+# for a writer, O_NONBLOCK returns at once so that `fstat` can refuse it before any read.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_regular(path: str) -> int:
+    """A blocking read-only descriptor of the local file `path`, if it is a regular file.
+
+    Files in a run directory may be replaced by anyone who can write there: a symlink is
+    never followed, and a FIFO, socket or device is refused without waiting or reading.
+    Raises `NotRegularFileError` for those, `FileNotFoundError` if nothing is there.
+
+    Example:
+        ```python
+        fd = open_regular("/runs/exp1/artifex_owner.json")
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        ```
+    """
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise NotRegularFileError("a symlink", path) from err
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFileError(file_kind(mode), path)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_regular(path: str, limit: int) -> bytes:
+    """The bytes of the local regular file `path` (as `open_regular` opens it), at most
+    `limit + 1` of them, so that a caller can tell a file larger than `limit`.
+
+    Example:
+        ```python
+        data = read_regular("/runs/exp1/model-03-0.1234/metrics/metrics", 1 << 16)
+        if len(data) > 1 << 16:
+            raise ValueError("metrics file too large")
+        ```
+    """
+    fd = open_regular(path)
+    try:
+        chunks = []
+        size = 0
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 def require_writable(directory: epath.Path) -> None:
     """Fail now, not after an epoch, if `directory` can never be created or written.
 
@@ -145,7 +219,7 @@ def require_writable(directory: epath.Path) -> None:
 
 
 def _probe(directory: epath.Path) -> None:
-    fs, root = _filesystem(directory)
+    fs, root = filesystem(directory)
     probe = f"{root.rstrip('/')}/.artifex-write-probe-{uuid.uuid4().hex}"
     try:
         fs.pipe_file(probe, b"")
@@ -170,8 +244,7 @@ def tree_size(path: epath.Path) -> int:
         ```
     """
     if not is_local(path):
-        fs, root = _filesystem(path)
-        found = fs.find(root, detail=True, **_no_cache_update(fs))
+        _, _, found = find_uncached(path)
         return sum(int(info.get("size") or 0) for info in found.values())
     top = os.fspath(path)
     try:
@@ -191,13 +264,28 @@ def tree_size(path: epath.Path) -> int:
     return total
 
 
-def _filesystem(path: epath.Path) -> tuple[fsspec.AbstractFileSystem, str]:
-    # fsspec is what epath itself uses for object stores; imported late, so that a
-    # process can still set FSSPEC_* variables after importing artifex_ckpt.
+def filesystem(path: epath.Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec file system of an object-store URL and the path within it.
+
+    fsspec is what `epath` itself uses for object stores; it is imported late, so that a
+    process can still set `FSSPEC_*` variables after importing artifex_ckpt.
+    """
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(os.fspath(path))
     return fs, str(root)
+
+
+def find_uncached(
+    path: epath.Path,
+) -> tuple[fsspec.AbstractFileSystem, str, dict[str, dict[str, Any]]]:
+    """Every object under the object-store URL `path`, by full name with its listing
+    details, from one listing that leaves gcsfs's cache as it was: it sees what
+    tensorstore wrote behind gcsfs's back, and later listings see what it does not.
+    Returns the file system and the path within it too, as `filesystem` does.
+    """
+    fs, root = filesystem(path)
+    return fs, root, fs.find(root, detail=True, **_no_cache_update(fs))
 
 
 def _no_cache_update(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
@@ -232,7 +320,7 @@ def write_atomic(path: epath.Path, data: bytes) -> None:
         ```
     """
     if not is_local(path):
-        fs, target = _filesystem(path)
+        fs, target = filesystem(path)
         fs.pipe_file(target, data)
         return
     target = os.fspath(path)
@@ -251,7 +339,7 @@ def write_atomic(path: epath.Path, data: bytes) -> None:
 
 def forget_listing(directory: epath.Path) -> None:
     """Drop `epath`'s cached listing of `directory` (no request): `epath` keeps its own
-    fsspec instance, with its own listing cache, which writes through `_filesystem`'s do
+    fsspec instance, with its own listing cache, which writes through `filesystem`'s do
     not update, so an `epath` caller would go on seeing `directory` as listed before.
 
     Example:
@@ -280,7 +368,7 @@ def read_object(path: epath.Path) -> bytes | None:
     """
     if is_local(path):
         raise ValueError(f"read_object({os.fspath(path)!r}): not an object-store URL")
-    fs, target = _filesystem(path)
+    fs, target = filesystem(path)
     try:
         return bytes(fs.cat_file(target))
     except FileNotFoundError:
@@ -310,7 +398,7 @@ def remove_uncommitted(
     """
     if is_local(directory):
         return []
-    fs, root = _filesystem(directory)
+    fs, root = filesystem(directory)
     root = root.rstrip("/")
     cached = _no_cache_update(fs) and root in fs.dircache
     try:

@@ -31,15 +31,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import stat
 import uuid
 from typing import TYPE_CHECKING, Protocol
 
 from etils import epath
 
-from artifex_ckpt.directory import file_kind, is_local, write_atomic_text
+from artifex_ckpt.directory import NotRegularFileError, is_local, read_regular, write_atomic_text
 from artifex_ckpt.owner import OwnerInfo, OwnershipError, damaged
 
 if TYPE_CHECKING:
@@ -50,7 +48,6 @@ __all__ = ["LEASE_FILE", "LocalFile", "ObjectFile", "Store", "read_lease", "stor
 LEASE_FILE = "artifex_owner.json"
 # A lease is a few hundred bytes; anything far larger is not one.
 _MAX_BYTES = 64 * 1024
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -190,28 +187,14 @@ class ObjectFile:
 
 
 def _read_regular(name: str, shown: epath.Path) -> bytes | None:
-    """The bytes of a regular file, None if absent. Never follows a symlink, never waits on a
-    FIFO (O_NONBLOCK), never reads more than `_MAX_BYTES`."""
+    """The bytes of a regular file, None if absent (see `directory.read_regular`): never
+    more than `_MAX_BYTES`."""
     try:
-        fd = os.open(name, _READ_FLAGS)
+        data = read_regular(name, _MAX_BYTES)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise damaged(shown, "is a symlink, not a regular file") from err
-        raise
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise damaged(shown, f"is {file_kind(mode)}, not a regular file")
-        os.set_blocking(fd, True)
-        chunks = []
-        size = 0
-        while size <= _MAX_BYTES and (chunk := os.read(fd, _MAX_BYTES + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
-        os.close(fd)
-    if size > _MAX_BYTES:
+    except NotRegularFileError as err:
+        raise damaged(shown, f"is {err.kind}, not a regular file") from err
+    if len(data) > _MAX_BYTES:
         raise damaged(shown, f"is larger than {_MAX_BYTES} bytes")
-    return b"".join(chunks)
+    return data

@@ -37,7 +37,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -50,10 +49,12 @@ import google_crc32c
 from etils import epath
 
 from artifex_ckpt.directory import (
-    _filesystem,
-    _no_cache_update,
+    NotRegularFileError,
     file_kind,
+    find_uncached,
     is_local,
+    open_regular,
+    read_object,
     write_atomic_text,
 )
 from artifex_ckpt.errors import CheckpointError, CheckpointNotFoundError
@@ -84,8 +85,6 @@ _OWN_FILES = frozenset({MANIFEST_FILE, _TEMPORARY})
 _CHECKSUM = "checksum"
 _TOP_KEYS = frozenset({"version", "algorithm", "files", _CHECKSUM})
 _ENTRY_KEYS = frozenset({"path", "size", ALGORITHM})
-# Opening a FIFO for reading blocks until a writer appears; O_NONBLOCK returns at once.
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 Status = Literal["ok", "unverified", "mismatch"]
 PathLike: TypeAlias = str | os.PathLike[str] | epath.Path
@@ -319,25 +318,18 @@ def _not_found(directory: epath.Path) -> CheckpointNotFoundError:
 
 
 def _load(directory: epath.Path) -> Manifest | None:
-    if not is_local(directory):
-        fs, root = _filesystem(directory)
-        try:
-            text = fs.cat_file(f"{root.rstrip('/')}/{MANIFEST_FILE}")
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            raise DamagedManifestError(f"it cannot be read: {err}") from err
-        return Manifest.from_json(text)
     try:
-        kind = _size(directory, MANIFEST_FILE)
-        if isinstance(kind, str):
-            raise DamagedManifestError(f"it is {kind}, not a regular file")
-        text = b"".join(_chunks(directory, MANIFEST_FILE))
+        if is_local(directory):
+            text: bytes | None = b"".join(_chunks(directory, MANIFEST_FILE))
+        else:
+            text = read_object(directory / MANIFEST_FILE)
     except FileNotFoundError:
         return None
+    except NotRegularFileError as err:
+        raise DamagedManifestError(f"it is {err.kind}, not a regular file") from err
     except OSError as err:
         raise DamagedManifestError(f"it cannot be read: {err}") from err
-    return Manifest.from_json(text)
+    return None if text is None else Manifest.from_json(text)
 
 
 def _body_checksum(body: dict[str, Any]) -> str:
@@ -398,30 +390,12 @@ def _checksum_file(directory: epath.Path, relative: str) -> tuple[int, int]:
 
 
 def _chunks(directory: epath.Path, relative: str) -> Iterator[bytes]:
-    fd = _open_regular(_local(directory, relative))
+    fd = open_regular(_local(directory, relative))
     try:
         while chunk := os.read(fd, CHUNK_BYTES):
             yield chunk
     finally:
         os.close(fd)
-
-
-def _open_regular(path: str) -> int:
-    """A descriptor of `path` if it is a regular file. A symlink is refused by the kernel
-    (O_NOFOLLOW), a FIFO opens without waiting for a writer (O_NONBLOCK) and is refused
-    by `fstat` before any read."""
-    try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, "is a symlink, not a regular file", path) from err
-        raise
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, f"is {file_kind(mode)}, not a regular file", path)
-    os.set_blocking(fd, True)
-    return fd
 
 
 def _problem(directory: epath.Path, entry: ManifestEntry, deep: bool) -> str | None:
@@ -492,9 +466,8 @@ def _listing(directory: epath.Path) -> tuple[fsspec.AbstractFileSystem, dict[str
     Folder placeholders (names ending in "/") prove that the directory exists but are no
     files. Raises `CheckpointNotFoundError` if nothing lies under `directory`.
     """
-    fs, root = _filesystem(directory)
+    fs, root, found = find_uncached(directory)
     prefix = root.rstrip("/") + "/"
-    found = fs.find(root, detail=True, **_no_cache_update(fs))
     inside = {name[len(prefix) :]: info for name, info in found.items() if name.startswith(prefix)}
     if not inside:
         raise _not_found(directory)

@@ -24,7 +24,6 @@ effort: a history that cannot be written warns (`HistoryWarning`) and the move s
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import stat
@@ -35,7 +34,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.path import step as step_lib
 
-from artifex_ckpt.directory import TRASH, absolute, file_kind, is_local
+from artifex_ckpt.directory import TRASH, absolute, file_kind, is_local, read_regular
 from artifex_ckpt.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from artifex_ckpt.history import HISTORY_FILE, Decision, DecisionHistory, HistoryWarning
 from artifex_ckpt.ownership import OwnershipError, read_owner
@@ -56,7 +55,6 @@ _METRICS = "metrics/metrics"
 # A metrics file is a few hundred bytes; a larger one is not read for the history's score.
 _MAX_METRICS_BYTES = 1 << 16
 _MAX_SUFFIX = 1000
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
 def quarantine(
@@ -293,17 +291,14 @@ def _score(source: epath.Path, monitor: str | None) -> float | None:
 
 def _read_small(path: epath.Path) -> bytes:
     """A small regular file's bytes. Locally a FIFO or device is refused before any read
-    (opening a FIFO for reading would wait for a writer)."""
+    (opening a FIFO for reading would wait for a writer); a larger file is refused too."""
     if not is_local(path):
-        return path.read_bytes()[:_MAX_METRICS_BYTES]
-    fd = os.open(os.fspath(path), _READ_FLAGS)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
-        os.set_blocking(fd, True)
-        return os.read(fd, _MAX_METRICS_BYTES)
-    finally:
-        os.close(fd)
+        data = path.read_bytes()
+    else:
+        data = read_regular(os.fspath(path), _MAX_METRICS_BYTES)
+    if len(data) > _MAX_METRICS_BYTES:
+        raise ValueError(f"{os.fspath(path)} is larger than {_MAX_METRICS_BYTES} bytes")
+    return data
 
 
 def _record(root: epath.Path, decision: Decision) -> None:

@@ -18,7 +18,7 @@ from tests.conftest import TinyMLP
 def batches(n: int, seed: int, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     w = np.arange(8, dtype=np.float32).reshape(4, 2) / 8
-    out = []
+    out: list[dict[str, np.ndarray]] = []
     for _ in range(n):
         x = rng.normal(size=(batch_size, 4)).astype(np.float32)
         out.append({"x": x, "y": x @ w})
