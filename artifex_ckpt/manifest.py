@@ -241,13 +241,13 @@ def write_manifest(step_dir: PathLike) -> Manifest:
         )
         write_atomic_text(directory / MANIFEST_FILE, manifest.to_json())
         return manifest
-    directory = _step_dir(directory)
+    base = os.fspath(_step_dir(directory))
     entries = []
-    for relative in _regular_files(directory):
-        size, crc = _checksum_file(directory, relative)
+    for relative in _regular_files(base):
+        size, crc = _checksum_file(base, relative)
         entries.append(ManifestEntry(relative, size, crc))
     manifest = Manifest(tuple(sorted(entries, key=lambda e: e.path)))
-    _write(directory, manifest.to_json().encode())
+    _write(base, manifest.to_json().encode())
     return manifest
 
 
@@ -289,17 +289,17 @@ def verify(step_dir: PathLike, *, deep: bool = True) -> ManifestCheck:
     directory = epath.Path(step_dir)
     if not is_local(directory):
         return _verify_listed(directory, deep)
-    directory = _step_dir(directory)
-    name = os.fspath(directory)
+    # The step as text, once: path objects built per file cost more than the lstat (B6).
+    name = os.fspath(_step_dir(directory))
     try:
         manifest = _load(directory)
     except DamagedManifestError as err:
         return ManifestCheck(name, "mismatch", (f"{MANIFEST_FILE}: damaged manifest: {err}",))
     if manifest is None:
         return ManifestCheck(name, "unverified")
-    problems = [p for e in manifest.entries if (p := _problem(directory, e, deep)) is not None]
+    problems = [p for e in manifest.entries if (p := _problem(name, e, deep)) is not None]
     listed = {entry.path for entry in manifest.entries}
-    unlisted = tuple(sorted(set(_all_files(directory)) - listed - _OWN_FILES))
+    unlisted = tuple(sorted(set(_all_files(name)) - listed - _OWN_FILES))
     status: Status = "mismatch" if problems else "ok"
     return ManifestCheck(name, status, tuple(problems), unlisted, manifest)
 
@@ -320,7 +320,7 @@ def _not_found(directory: epath.Path) -> CheckpointNotFoundError:
 def _load(directory: epath.Path) -> Manifest | None:
     try:
         if is_local(directory):
-            text: bytes | None = b"".join(_chunks(directory, MANIFEST_FILE))
+            text: bytes | None = b"".join(_chunks(os.fspath(directory), MANIFEST_FILE))
         else:
             text = read_object(directory / MANIFEST_FILE)
     except FileNotFoundError:
@@ -351,46 +351,48 @@ def _entry(item: object) -> ManifestEntry:
     return ManifestEntry(path, size, int(crc, 16))
 
 
-def _all_files(directory: epath.Path, *, complete: bool = False) -> Iterator[str]:
-    """Relative paths of every non-directory entry, of any kind, without following links.
+def _all_files(base: str, *, complete: bool = False) -> Iterator[str]:
+    """Relative paths of every non-directory entry under the local directory `base`, of any
+    kind, without following links.
 
     With `complete`, a sub-directory that cannot be listed raises instead of being
     skipped, so that a manifest never silently leaves out part of a checkpoint.
     """
-    top = os.fspath(directory).rstrip("/")
-    for root, _, files in directory.walk(on_error=_reraise if complete else None):
-        base = os.fspath(root)[len(top) :].strip("/")
+    top = base.rstrip("/")
+    for root, _, files in os.walk(top, onerror=_reraise if complete else None):
+        inner = root[len(top) :].strip("/")
         for file in files:
-            yield f"{base}/{file}" if base else file
+            yield f"{inner}/{file}" if inner else file
 
 
 def _reraise(err: OSError) -> None:
     raise err
 
 
-def _regular_files(directory: epath.Path) -> Iterator[str]:
-    for relative in _all_files(directory, complete=True):
+def _regular_files(base: str) -> Iterator[str]:
+    for relative in _all_files(base, complete=True):
         if relative in _OWN_FILES:
             continue
-        if stat.S_ISREG(os.lstat(_local(directory, relative)).st_mode):
+        if stat.S_ISREG(os.lstat(_local(base, relative)).st_mode):
             yield relative
 
 
-def _local(directory: epath.Path, relative: str) -> str:
-    return os.path.join(os.fspath(directory), *relative.split("/"))
+def _local(base: str, relative: str) -> str:
+    """The local path of `relative` (a manifest's `/`-separated path) under `base`."""
+    return os.path.join(base, *relative.split("/"))
 
 
-def _checksum_file(directory: epath.Path, relative: str) -> tuple[int, int]:
+def _checksum_file(base: str, relative: str) -> tuple[int, int]:
     """Size and CRC-32C of one file, from one read of it."""
     size, crc = 0, 0
-    for chunk in _chunks(directory, relative):
+    for chunk in _chunks(base, relative):
         size += len(chunk)
         crc = google_crc32c.extend(crc, chunk)
     return size, crc
 
 
-def _chunks(directory: epath.Path, relative: str) -> Iterator[bytes]:
-    fd = open_regular(_local(directory, relative))
+def _chunks(base: str, relative: str) -> Iterator[bytes]:
+    fd = open_regular(_local(base, relative))
     try:
         while chunk := os.read(fd, CHUNK_BYTES):
             yield chunk
@@ -398,10 +400,10 @@ def _chunks(directory: epath.Path, relative: str) -> Iterator[bytes]:
         os.close(fd)
 
 
-def _problem(directory: epath.Path, entry: ManifestEntry, deep: bool) -> str | None:
+def _problem(base: str, entry: ManifestEntry, deep: bool) -> str | None:
     """What is wrong with one recorded file, or None."""
     try:
-        size = _size(directory, entry.path)
+        size = _size(base, entry.path)
     except FileNotFoundError:
         return f"{entry.path}: missing (expected {entry.size} bytes)"
     except OSError as err:
@@ -413,7 +415,7 @@ def _problem(directory: epath.Path, entry: ManifestEntry, deep: bool) -> str | N
     if not deep:
         return None
     try:
-        read_size, crc = _checksum_file(directory, entry.path)
+        read_size, crc = _checksum_file(base, entry.path)
     except OSError as err:
         return f"{entry.path}: cannot be read: {err.strerror or err}"
     if read_size != entry.size:
@@ -421,15 +423,15 @@ def _problem(directory: epath.Path, entry: ManifestEntry, deep: bool) -> str | N
     return _checksum_problem(entry, crc)
 
 
-def _size(directory: epath.Path, relative: str) -> int | str:
+def _size(base: str, relative: str) -> int | str:
     """The size of a regular file, or the kind of what is there instead."""
-    info = os.lstat(_local(directory, relative))
+    info = os.lstat(_local(base, relative))
     return info.st_size if stat.S_ISREG(info.st_mode) else file_kind(info.st_mode)
 
 
-def _write(directory: epath.Path, data: bytes) -> None:
-    final = _local(directory, MANIFEST_FILE)
-    temporary = _local(directory, _TEMPORARY)
+def _write(base: str, data: bytes) -> None:
+    final = _local(base, MANIFEST_FILE)
+    temporary = _local(base, _TEMPORARY)
     try:
         with open(temporary, "wb") as file:
             file.write(data)
@@ -441,7 +443,7 @@ def _write(directory: epath.Path, data: bytes) -> None:
             os.unlink(temporary)
         raise
     # The rename is durable only once the directory entry is.
-    fd = os.open(os.fspath(directory), os.O_RDONLY)
+    fd = os.open(base, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
