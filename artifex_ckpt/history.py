@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from time import monotonic
 from time import time as _now
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from etils import epath
 from rich.table import Table
@@ -160,12 +160,17 @@ class Decision:
         rank: int | None,
         k: int,
         threshold: float | None = None,
+        provisional: bool = False,
         at: float | None = None,
     ) -> Decision:
         """`name` was written; `rank` among the retained (1 = best) of the top `k`. A
         `threshold` is the `initial_value_threshold` that `score` did not beat: the
-        checkpoint does not compete (it is kept only as the newest), so it has no rank."""
-        extra = {} if threshold is None else {"threshold": threshold}
+        checkpoint does not compete (it is kept only as the newest), so it has no rank. A
+        `provisional` one (written mid-epoch, or unscored at a run's end) is kept only while
+        it is the newest."""
+        extra: dict[str, Any] = {} if threshold is None else {"threshold": threshold}
+        if provisional:
+            extra["provisional"] = True
         return cls._make("saved", step, name, score, at, rank=rank, k=k, **extra)
 
     @classmethod
@@ -594,6 +599,8 @@ def _rank(decision: Decision) -> str:
             f"does not beat initial_value_threshold {_number(_float(details['threshold']))}: "
             "unranked, kept as the newest"
         )
+    if decision.score is None and details.get("provisional"):
+        return "unscored: never the best, kept only while it is the newest"
     if decision.score is None:
         return "unscored: never the best, never evicted by rank"
     if rank is None:

@@ -41,6 +41,7 @@ from artifex_ckpt.listing import commit_problem
 from artifex_ckpt.manifest import write_manifest
 from artifex_ckpt.ownership import Claim
 from artifex_ckpt.plan import ManagerPlan
+from artifex_ckpt.policies import is_provisional
 
 __all__ = ["Committing", "Journal"]
 
@@ -48,13 +49,15 @@ __all__ = ["Committing", "Journal"]
 @dataclass(frozen=True)
 class Committing:
     """A save in flight: its step, directory, score and rank, the steps it evicts as
-    (step, name, score), and when it was started (unix seconds)."""
+    (step, name, score), whether it is kept only while newest (`policies.is_provisional`),
+    and when it was started (unix seconds)."""
 
     step: int
     path: epath.Path
     score: float | None
     rank: int | None
     evicted: tuple[tuple[int, str, float | None], ...] = ()
+    provisional: bool = False
     at: float = field(default_factory=time.time)
 
 
@@ -102,7 +105,8 @@ class Journal:
         rank = ranked.index(step) + 1 if step in ranked and score is not None else None
         gone = sorted(before.keys() - set(retained))
         evicted = tuple((s, self._plan.step_name(s), self._score(before[s])) for s in gone)
-        entry = Committing(step, self._plan.directory / name, score, rank, evicted)
+        path = self._plan.directory / name
+        entry = Committing(step, path, score, rank, evicted, is_provisional(metrics))
         with self._lock:
             self._committing.append(entry)
 
@@ -155,6 +159,7 @@ class Journal:
                     rank=None if below is not None else entry.rank,
                     k=self.k,
                     threshold=below,
+                    provisional=entry.provisional,
                     at=entry.at,
                 )
             )

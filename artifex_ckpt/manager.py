@@ -15,10 +15,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from artifex_ckpt.agreement import shared_metrics
 from artifex_ckpt.config import CheckpointConfig
-from artifex_ckpt.directory import (
-    TrashPurger,
-    write_atomic_text,
-)
+from artifex_ckpt.directory import TrashPurger, write_atomic_text
 from artifex_ckpt.errors import CheckpointNotFoundError, CheckpointSaveError, ConfigError
 from artifex_ckpt.history import Decision
 from artifex_ckpt.housekeeping import Housekeeper, Task
@@ -35,7 +32,7 @@ from artifex_ckpt.metrics import (
 from artifex_ckpt.naming import PARTIAL_TAGS, PartialTag
 from artifex_ckpt.ownership import STALE_AFTER_S, Claim
 from artifex_ckpt.plan import ManagerPlan, cadence_options, open_plan
-from artifex_ckpt.policies import PARTIAL_METRIC, RetentionGate, is_partial
+from artifex_ckpt.policies import LAST_METRIC, PARTIAL_METRIC, RetentionGate, is_partial
 from artifex_ckpt.scores import StoredScores
 from artifex_ckpt.settings import SETTINGS_FILE, RetentionSettings
 from artifex_ckpt.validation import Mode, require_new_step
@@ -169,6 +166,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         epoch: int | None = None,
         global_step: int | None = None,
         partial: PartialTag | None = None,
+        last: bool = False,
     ) -> bool:
         """Orbax's `save`, with metrics turned into floats and retention-aware skipping.
 
@@ -177,8 +175,10 @@ class MetricCheckpointManager(ocp.CheckpointManager):
         function returning them, called only for a checkpoint that is written. `epoch` and
         `global_step` fill `{epoch}` and `{step}` (default: `step`). `partial="preempted"` or
         `"exception"` writes a mid-epoch checkpoint whatever the policies say (unscored,
-        named `<name>-<partial>`, kept only while newest). Raises `StepError` for a step not
-        newer than the newest, `MetricError` when `metrics` lacks the monitor.
+        named `<name>-<partial>`); `last=True` with `metrics=None`, a run's unscored end. Both
+        are kept only while newest (other saves without metrics are kept for good). Raises
+        `StepError` for a step not newer than the newest, `MetricError` when `metrics` lacks
+        the monitor.
         """
         if self._plan.read_only:
             raise ConfigError(f"the manager of {self.directory} is read-only; it cannot save")
@@ -186,11 +186,12 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             self._claim.refresh()  # raises OwnershipError if another run took the directory
         require_new_step(step, self.latest_step(), self.directory)
         hosts = self._plan.options.multiprocessing_options.active_processes
-        if partial is not None:
-            if partial not in PARTIAL_TAGS:
-                raise ConfigError(f"partial={partial!r} is not accepted; use one of {PARTIAL_TAGS}")
-            metrics, force = {PARTIAL_METRIC: 1.0}, True
-        floats = normalise_metrics(metrics, None if partial else self._plan.settings.monitor)
+        if partial is not None and partial not in PARTIAL_TAGS:
+            raise ConfigError(f"partial={partial!r} is not accepted; use one of {PARTIAL_TAGS}")
+        marker = PARTIAL_METRIC if partial else LAST_METRIC if last and metrics is None else None
+        if marker is not None:
+            metrics, force = {marker: 1.0}, force or partial is not None
+        floats = normalise_metrics(metrics, None if marker else self._plan.settings.monitor)
         # Every decision below depends on the metrics: the primary host's decide for all.
         floats = shared_metrics(floats, primary_host=self._plan.primary_host, processes=hosts)
         if not force and not self.would_keep(step, floats):
@@ -200,7 +201,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             args = args()
         custom_metadata = jsonable(custom_metadata) if custom_metadata is not None else None
         name = self._plan.name_for(
-            step, floats, epoch=epoch, global_step=global_step, partial=partial
+            step, None if marker else floats, epoch=epoch, global_step=global_step, partial=partial
         )
         self._prepare_directory()
         before = {info.step: info.metrics for info in self._infos()}

@@ -2,7 +2,8 @@
 
 The ranking is total: NaN and +-inf rank worst, and among equal scores the older checkpoint
 ranks better (Orbax's plain `BestN` keeps the newer). A checkpoint without a monitored value
-(unscored: saved without metrics, or its metrics unreadable) is never evicted by rank.
+(unscored: saved without metrics, or its metrics unreadable) is never evicted by rank; a
+provisional one (`is_provisional`: partial, or a run's unscored end) is kept while newest.
 
 Example:
     ```python
@@ -34,8 +35,13 @@ if TYPE_CHECKING:
 # Stored with a checkpoint written mid-epoch (preemption, exception): it is kept only while
 # it is the newest, so that each interruption does not leave an unscored checkpoint forever.
 PARTIAL_METRIC = "artifex_partial"
+# Stored with the last checkpoint of a run that ended without the monitored value
+# (`save(..., last=True)`): kept only while it is the newest too, like Lightning's last.ckpt,
+# so that each resumed run does not leave its unscored end behind for good.
+LAST_METRIC = "artifex_last"
 
 __all__ = [
+    "LAST_METRIC",
     "PARTIAL_METRIC",
     "BestNByRank",
     "EveryInterval",
@@ -48,6 +54,7 @@ __all__ = [
     "ScoredStep",
     "cadence_policy",
     "is_partial",
+    "is_provisional",
     "retention_policy",
     "would_keep",
 ]
@@ -136,9 +143,10 @@ class BestNByRank:
     """`PreservationPolicy` that keeps the `n` best checkpoints by a `MetricRanking`.
 
     Unlike `ocp.checkpoint_managers.BestN`, ties keep the older checkpoint, NaN never
-    displaces a number, and unscored checkpoints are kept (a partial one, written mid-epoch,
-    only while it is the newest). `n=None` keeps every scored one. With a `threshold`, only
-    scores strictly better than it compete for the top n.
+    displaces a number, and unscored checkpoints are kept (a provisional one, written
+    mid-epoch or unscored at the end of a run, only while it is the newest). `n=None` keeps
+    every scored one. With a `threshold`, only scores strictly better than it compete for
+    the top n.
     """
 
     ranking: MetricRanking
@@ -165,7 +173,7 @@ class BestNByRank:
             index in top
             or (
                 self.ranking.value(info.metrics) is None
-                and (info.step == newest or not is_partial(info.metrics))
+                and (info.step == newest or not is_provisional(info.metrics))
             )
             for index, info in enumerate(checkpoints)
         ]
@@ -209,7 +217,7 @@ class BestNByRank:
 @dataclass(frozen=True)
 class NewestN:
     """`PreservationPolicy` without a monitor: the `n` newest checkpoints (`n=None`: all), as
-    Orbax's `LatestN`, except that a partial one is kept only while it is the newest."""
+    Orbax's `LatestN`, except that a provisional one is kept only while it is the newest."""
 
     n: int | None
 
@@ -222,7 +230,7 @@ class NewestN:
         latest = ocm.LatestN(n=self.n).should_preserve(checkpoints, context=context)
         newest = max((info.step for info in checkpoints), default=None)
         return [
-            bool(keep) and (info.step == newest or not is_partial(info.metrics))
+            bool(keep) and (info.step == newest or not is_provisional(info.metrics))
             for keep, info in zip(latest, checkpoints, strict=True)
         ]
 
@@ -230,6 +238,14 @@ class NewestN:
 def is_partial(metrics: Mapping[str, Any] | None) -> bool:
     """Whether these stored metrics mark a checkpoint written mid-epoch."""
     return isinstance(metrics, Mapping) and bool(metrics.get(PARTIAL_METRIC))
+
+
+def is_provisional(metrics: Mapping[str, Any] | None) -> bool:
+    """Whether these stored metrics mark a checkpoint kept only while it is the newest: one
+    written mid-epoch, or the unscored last checkpoint of a run."""
+    return isinstance(metrics, Mapping) and bool(
+        metrics.get(PARTIAL_METRIC) or metrics.get(LAST_METRIC)
+    )
 
 
 def retention_policy(

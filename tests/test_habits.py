@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from rich.console import Console
 
@@ -21,12 +23,13 @@ from artifex_ckpt import (
     CheckpointConfig,
     EarlyStopping,
     EarlyStoppingConfig,
+    MetricCheckpointManager,
     MetricError,
     ModelCheckpoint,
     ProgressBarCallback,
     ProgressBarConfig,
 )
-from artifex_ckpt.history import DecisionHistory
+from artifex_ckpt.history import DecisionHistory, explain
 from artifex_ckpt.trainer import Trainer
 from tests.conftest import step_dirs
 from tests.training import ScriptedMetric, batches, make_trainer
@@ -256,6 +259,41 @@ def test_save_last_writes_an_unscored_final_checkpoint(tmp_path: Path, shared: T
         (2, True, None),
     ]
     checkpoint.manager.close()
+
+
+def test_a_resumed_run_evicts_the_unscored_final_checkpoint_once_it_saves_a_newer_one(
+    tmp_path: Path, shared: Trainer
+) -> None:
+    # Lightning overwrites last.ckpt; here the unscored end of a run is kept only while it is
+    # the newest, so that each resumed run does not leave one behind for good.
+    config = CheckpointConfig(dirpath=tmp_path, save_top_k=1, every_n_epochs=2)
+    first = ModelCheckpoint(config)
+    _fit(shared, [ScriptedMetric("val_loss", [9.0, 0.5, 9.0]), ValidateEvery(2), first], 3)
+    assert step_dirs(tmp_path) == {"model-01-0.5000", "model-02-none"}
+    shared.epochs = 6
+    resumed = ModelCheckpoint(config)
+    metric = ScriptedMetric("val_loss", [9.0, 9.0, 9.0, 0.7, 9.0, 0.4])
+    shared.fit(callbacks=[metric, ValidateEvery(2), resumed], resume=True)
+    # Epoch 3 (0.7) evicted model-02-none; epoch 5 (0.4) is the new best.
+    assert step_dirs(tmp_path) == {"model-05-0.4000"}
+    history = DecisionHistory(tmp_path)
+    evicted = [(d.name, d.details["by"]) for d in history.read() if d.kind == "evicted"]
+    assert ("model-02-none", "model-03-0.7000") in evicted
+    why = explain("model-02-none", history.why("model-02-none"), monitor="val_loss")
+    assert "kept only while it is the newest" in why and "by model-03-0.7000" in why
+    resumed.manager.close()
+
+
+def test_a_save_without_metrics_through_the_manager_is_kept_for_good(tmp_path: Path) -> None:
+    with MetricCheckpointManager(tmp_path, save_top_k=1) as manager:
+        state = ocp.args.StandardSave({"w": np.zeros(2)})
+        manager.save(0, args=state)  # unscored, not the last: Orbax's keep-without-metrics
+        manager.save(1, args=state, metrics=None, last=True)  # a run's unscored end
+        for step, loss in ((2, 0.5), (3, 0.4)):
+            manager.save(step, args=state, metrics={"val_loss": loss})
+        manager.wait_until_finished()
+        assert manager.all_steps() == [0, 3]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["0", "3"]
 
 
 def test_without_save_last_nothing_is_added_at_train_end(tmp_path: Path, shared: Trainer) -> None:

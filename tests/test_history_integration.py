@@ -322,7 +322,7 @@ def test_why_tells_why_a_checkpoint_was_kept_and_how_it_went(
     assert "(rank 2, outside the top 1: kept as the newest)" in kept_as_newest
     assert "evicted at" in kept_as_newest and "by model-04-none (val_loss -)" in kept_as_newest
     unscored = explain("model-04-none", history.why("model-04-none"), monitor="val_loss")
-    assert "(unscored: never the best, never evicted by rank)" in unscored
+    assert "(unscored: never the best, kept only while it is the newest)" in unscored
     assert step_dirs(tmp_path) == {"model-01-0.3000", "model-04-none"}
 
 

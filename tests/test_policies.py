@@ -19,6 +19,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 from orbax.checkpoint import options as ocp_options
 
 from artifex_ckpt.policies import (
+    LAST_METRIC,
     PARTIAL_METRIC,
     BestNByRank,
     EveryNEpochs,
@@ -162,6 +163,18 @@ def test_newest_n_keeps_a_partial_checkpoint_only_while_it_is_the_newest() -> No
     assert list(NewestN(3).should_preserve(infos, context=context)) == [T, F, T]
     assert list(NewestN(3).should_preserve(infos[:2], context=context)) == [T, T]
     assert list(NewestN(1).should_preserve(infos[:2], context=context)) == [F, T]
+
+
+@pytest.mark.parametrize("marker", [PARTIAL_METRIC, LAST_METRIC])
+def test_a_provisional_checkpoint_is_kept_only_while_it_is_the_newest(marker: str) -> None:
+    # A plain unscored checkpoint (no metrics) is kept for good; a marked one is not.
+    provisional = {marker: 1.0}
+    context = ocm.PreservationContext()
+    best = BestNByRank(MetricRanking("val_loss", "min"), 1)
+    infos = [ScoredStep(0, None), ScoredStep(1, provisional), ScoredStep(2, {"val_loss": 0.5})]
+    assert list(best.should_preserve(infos, context=context)) == [T, F, T]
+    assert list(best.should_preserve(infos[:2], context=context)) == [T, T]
+    assert list(NewestN(None).should_preserve(infos, context=context)) == [T, F, T]
 
 
 def test_retention_policy_passes_the_threshold_on() -> None:

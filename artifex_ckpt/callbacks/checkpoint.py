@@ -426,10 +426,10 @@ class ModelCheckpoint(BaseCallback):
             # Read (and sync) the monitored value once; the manager reuses the float.
             metrics[monitor] = to_float(monitor, metrics[monitor])
         manager = self._writer()
-        scored: dict[str, Any] | None = metrics
-        if force and monitor is not None and monitor not in metrics:
-            # The final checkpoint of save_last needs no score: it is written unscored.
-            scored = None
+        # The final checkpoint of save_last needs no score: it is written unscored, and kept
+        # only until a newer one exists (a resumed run), like Lightning's last.ckpt.
+        unscored_last = force and monitor is not None and monitor not in metrics
+        scored = None if unscored_last else metrics
         replaced = self._take_partial(manager, step, scored, force=force)
         state = self._trainer_state(trainer, logs, mid_epoch=batch)
         before = self._verbose_before(manager)
@@ -441,6 +441,7 @@ class ModelCheckpoint(BaseCallback):
             custom_metadata={"epoch": trainer.epoch, "global_step": trainer.step},
             epoch=trainer.epoch,
             global_step=trainer.step,
+            last=unscored_last,
         )
         if saved and replaced is not None:
             self._record_replaced(manager, step, replaced)
