@@ -23,7 +23,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from artifex_ckpt.data_state import DATA_ITEM, data_restore_args, data_save_args, has_data_state
+from artifex_ckpt.data_state import (
+    DATA_ITEM,
+    data_restore_args,
+    data_save_args,
+    has_data_state,
+    position_kept_on_error,
+)
 from artifex_ckpt.directory import is_local, read_object
 from artifex_ckpt.errors import (
     CheckpointNotFoundError,
@@ -384,7 +390,10 @@ def _restore_into(
     local = is_local(path)
     check = _require_intact(manager, step, path, deep=deep and not local)
     model_state = nnx.state(targets.model)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with (
+        position_kept_on_error(targets.data_iterator),
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
         intact = None
         if deep and local and check.status == "ok":
             intact = pool.submit(_require_checksums, path)

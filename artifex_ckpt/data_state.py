@@ -19,6 +19,7 @@ which means grain was imported already.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -37,6 +38,7 @@ __all__ = [
     "has_data_state",
     "is_grain_iterator",
     "is_grain_source",
+    "position_kept_on_error",
     "skip_batches",
 ]
 
@@ -122,6 +124,34 @@ def data_restore_args(iterator: object) -> ocp.args.CheckpointArgs | None:
 
     restore_args: ocp.args.CheckpointArgs = grain_checkpoint.CheckpointRestore(iterator)
     return restore_args
+
+
+@contextlib.contextmanager
+def position_kept_on_error(iterator: object) -> Iterator[None]:
+    """Put a grain `iterator` back where it was if the block raises.
+
+    Orbax sets the iterator's position while it restores the checkpoint, before the
+    checksums read beside it may find the checkpoint damaged; a restore that then fails,
+    or falls back to an older checkpoint, must not leave it at the damaged one's position.
+    Anything but a grain iterator is left alone.
+
+    Example:
+        ```python
+        with position_kept_on_error(iterator):
+            args = ocp.args.Composite(**{DATA_ITEM: data_restore_args(iterator)})
+            manager.restore(step, args=args)
+            check_something_that_may_raise()
+        ```
+    """
+    if not is_grain_iterator(iterator):
+        yield
+        return
+    position = iterator.get_state()  # type: ignore[attr-defined]
+    try:
+        yield
+    except BaseException:
+        iterator.set_state(position)  # type: ignore[attr-defined]
+        raise
 
 
 def has_data_state(step_path: str | os.PathLike[str] | epath.Path) -> bool:

@@ -131,6 +131,46 @@ def test_data_state_beside_the_model_in_a_metric_checkpoint_manager(tmp_path: Pa
     assert_batches_equal(list(fresh), uninterrupted[4:])
 
 
+def _flip_a_byte_of_the_arrays(step_dir: Path) -> None:
+    # Same size, other bytes: only the checksums read beside Orbax's restore notice.
+    data_file = max((step_dir / "model" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    with open(data_file, "r+b") as file:
+        file.seek(data_file.stat().st_size // 2)
+        byte = file.read(1)
+        file.seek(-1, os.SEEK_CUR)
+        file.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_failed_restore_leaves_the_grain_iterator_where_it_was(tmp_path: Path) -> None:
+    from flax import nnx
+
+    from artifex_ckpt import CorruptCheckpointError, CorruptCheckpointWarning
+    from artifex_ckpt.checkpointing import checkpoint_args, restore_checkpoint
+    from tests.conftest import TinyMLP
+
+    uninterrupted = list(dataset_iterator())
+    model = TinyMLP(nnx.Rngs(0))
+    iterator = dataset_iterator()
+    with MetricCheckpointManager(tmp_path) as manager:
+        for step, (consumed, loss) in enumerate(((2, 0.5), (3, 0.4))):
+            for _ in range(consumed):
+                next(iterator)
+            args = checkpoint_args(model, data_iterator=iterator)
+            manager.save(step, args=args, metrics={"val_loss": loss})
+        manager.wait_until_finished()
+        _flip_a_byte_of_the_arrays(Path(manager.step_path(1)))
+        fresh = dataset_iterator()
+        next(fresh)
+        with pytest.raises(CorruptCheckpointError, match="does not match its manifest"):
+            restore_checkpoint(manager, model, 1, data_iterator=fresh)
+        assert_batches_equal(list(fresh), uninterrupted[1:])  # not moved to step 1's 5
+        fresh = dataset_iterator()
+        with pytest.warns(CorruptCheckpointWarning, match="trying step 0"):
+            restored = restore_checkpoint(manager, model, "latest", data_iterator=fresh)
+        assert restored.step == 0
+        assert_batches_equal(list(fresh), uninterrupted[2:])
+
+
 def test_restoring_into_a_different_pipeline_is_refused(tmp_path: Path) -> None:
     iterator = loader_iterator()
     next(iterator)
