@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 __all__ = ["UncompressedStandardCheckpointHandler", "default_handler_registry"]
@@ -20,18 +21,49 @@ class UncompressedStandardCheckpointHandler(ocp.StandardCheckpointHandler):
     """`StandardSave` / `StandardRestore` with arrays written without compression.
 
     `StandardCheckpointHandler` has no compression switch; the `PyTreeCheckpointHandler`
-    it delegates to has one, so the delegate is rebuilt with it off.
+    it delegates to has one, so the delegate is rebuilt with it off (and with
+    `type_handler_registry`, which only the delegate takes).
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, type_handler_registry: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if type_handler_registry is not None:
+            kwargs["type_handler_registry"] = type_handler_registry
         self._impl = ocp.PyTreeCheckpointHandler(use_compression=False, **kwargs)
 
 
-def default_handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
-    """Orbax's default registry, with standard array items of any name uncompressed."""
+def default_handler_registry(
+    multiprocessing_options: ocp.options.MultiprocessingOptions | None = None,
+) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Orbax's default registry, with standard array items of any name uncompressed.
+
+    With `multiprocessing_options` whose `primary_host` is None (each host saves to a
+    directory of its own), the handler takes part with those processes only, and every
+    host writes the shards of the `jax.Array`s it holds: Orbax's default writes each shard
+    once, from the host of its first replica, and host-side values (numpy arrays, Python
+    scalars) from process 0 only, which would leave the other hosts' directories without
+    them. Such values are refused there (Orbax finds no handler for their type) rather
+    than lost.
+
+    Example:
+        ```python
+        registry = default_handler_registry()
+        manager = MetricCheckpointManager("/tmp/run", handler_registry=registry)
+        ```
+    """
+    kwargs: dict[str, Any] = {}
+    if multiprocessing_options is not None and multiprocessing_options.primary_host is None:
+        arrays = ocp.type_handlers.ArrayHandler(
+            primary_host=None, replica_id=None, use_replica_parallel=False
+        )
+        kwargs = {
+            "multiprocessing_options": multiprocessing_options,
+            "type_handler_registry": ocp.type_handlers.create_type_handler_registry(
+                (jax.Array, arrays)
+            ),
+        }
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    handler = UncompressedStandardCheckpointHandler()
+    handler = UncompressedStandardCheckpointHandler(**kwargs)
     registry.add(None, ocp.args.StandardSave, handler)
     registry.add(None, ocp.args.StandardRestore, handler)
     return registry

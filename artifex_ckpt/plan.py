@@ -211,10 +211,12 @@ def plan_manager(
     )
     read_only = bool(options.read_only)
     primary = options.multiprocessing_options.primary_host
+    if primary is None:
+        options = _per_host(options, process_index)
     own_trash = options.todelete_subdir is None
     kwargs = dict(orbax_kwargs or {})
     if not _HANDLER_KWARGS & kwargs.keys():
-        kwargs["handler_registry"] = default_handler_registry()
+        kwargs["handler_registry"] = default_handler_registry(options.multiprocessing_options)
     return ManagerPlan(
         directory=directory,
         settings=settings,
@@ -312,6 +314,24 @@ def is_writer(options: ocp.CheckpointManagerOptions | None, process_index: int) 
     options = options or ocp.CheckpointManagerOptions()
     primary = options.multiprocessing_options.primary_host
     return not options.read_only and primary in (None, process_index)
+
+
+def _per_host(
+    options: ocp.CheckpointManagerOptions, process_index: int
+) -> ocp.CheckpointManagerOptions:
+    """`primary_host=None`: each host saves to a directory of its own. Only this process
+    takes part in the manager's barriers (under a key prefix of its own), and it signals
+    its own directory's creation, so that no host waits for, or is misled by, another.
+    What the caller set is kept."""
+    processes = options.multiprocessing_options
+    processes = dataclasses.replace(
+        processes,
+        active_processes=processes.active_processes or {process_index},
+        barrier_sync_key_prefix=processes.barrier_sync_key_prefix or f"host-{process_index}",
+    )
+    return dataclasses.replace(
+        options, multiprocessing_options=processes, enable_per_process_directory_creation=True
+    )
 
 
 def _checked(options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManagerOptions:

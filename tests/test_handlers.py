@@ -7,7 +7,9 @@ tests fail loudly instead, by looking at the attribute and at the zarr metadata 
 
 from __future__ import annotations
 
+import gc
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,61 @@ def test_default_registry_serves_standard_items_of_any_name() -> None:
     handler = registry.get(None, ocp.args.StandardSave)
     assert isinstance(handler, UncompressedStandardCheckpointHandler)
     assert registry.get(None, ocp.args.StandardRestore) is handler
+
+
+def test_primary_host_none_derives_per_host_options_and_keeps_the_callers(
+    tmp_path: Path,
+) -> None:
+    from etils import epath
+
+    from artifex_ckpt.plan import plan_manager
+
+    alone = ocp.options.MultiprocessingOptions(primary_host=None)
+    plan = plan_manager(
+        epath.Path(tmp_path),
+        None,
+        {},
+        ocp.CheckpointManagerOptions(multiprocessing_options=alone),
+        process_index=3,
+    )
+    processes = plan.options.multiprocessing_options
+    assert (processes.primary_host, processes.active_processes) == (None, {3})
+    assert processes.barrier_sync_key_prefix == "host-3"
+    assert plan.options.enable_per_process_directory_creation and plan.is_writer
+    own = ocp.options.MultiprocessingOptions(
+        primary_host=None, active_processes={7}, barrier_sync_key_prefix="mine"
+    )
+    kept = plan_manager(
+        epath.Path(tmp_path),
+        None,
+        {},
+        ocp.CheckpointManagerOptions(multiprocessing_options=own),
+        process_index=3,
+    ).options.multiprocessing_options
+    assert (kept.active_processes, kept.barrier_sync_key_prefix) == ({7}, "mine")
+    shared = plan_manager(epath.Path(tmp_path), None, {}, None, process_index=0)
+    assert shared.options.multiprocessing_options.active_processes is None
+    assert not shared.options.enable_per_process_directory_creation
+
+
+def test_primary_host_none_refuses_host_side_values_instead_of_losing_them(
+    tmp_path: Path,
+) -> None:
+    # Orbax writes numpy values from process 0 only: the other hosts' directories would lack
+    # them. Per-host handlers take jax.Arrays (each host's own shards) and refuse the rest.
+    import jax.numpy as jnp
+
+    alone = ocp.options.MultiprocessingOptions(primary_host=None)
+    options = ocp.CheckpointManagerOptions(multiprocessing_options=alone)
+    with MetricCheckpointManager(tmp_path, options=options) as manager:
+        manager.save(0, args=ocp.args.StandardSave({"w": jnp.arange(4.0)}), metrics={"val_loss": 1})
+        manager.wait_until_finished()
+        restored = manager.restore(0, args=ocp.args.StandardRestore({"w": jnp.zeros(4)}))
+        np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+        with pytest.raises(ValueError, match="TypeHandler lookup failed for: type=<class 'numpy"):
+            manager.save(1, args=ocp.args.StandardSave({"w": np.ones(2)}), metrics={"val_loss": 1})
+        assert manager.all_steps() == [0]
+    with warnings.catch_warnings():
+        # Orbax leaves the refused save's metrics coroutine unawaited; collect it here.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        gc.collect()

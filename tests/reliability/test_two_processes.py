@@ -138,9 +138,14 @@ def test_hosts_with_different_metrics_follow_the_primary(tmp_path: Path) -> None
     assert not (directory / LEASE_FILE).exists()
 
 
-def test_each_host_keeps_its_own_directory_with_primary_host_none(tmp_path: Path) -> None:
+@pytest.mark.parametrize("phase", ["local", "local-by-hand"])
+def test_each_host_keeps_its_own_directory_with_primary_host_none(
+    tmp_path: Path, phase: str
+) -> None:
+    # "local" sets primary_host=None alone; the manager derives the barriers, the directory
+    # creation and the handlers that "local-by-hand" builds as Orbax's docs describe.
     root = (tmp_path / "local").absolute()
-    results = _run_pair(root, "local")
+    results = _run_pair(root, phase)
     # save_top_k=1, keep_last=False, each host by its own losses: host 0 keeps 0.2 (step 1),
     # host 1 keeps 0.05 (step 2). They skip different steps, and neither waits for the other.
     expected: dict[int, tuple[list[str], int, list[bool]]] = {

@@ -8,7 +8,9 @@ PHASE is one of
   each passing its OWN validation losses (the primary's decide), then restore the best;
 - "restore": both reopen ROOT and restore the best only;
 - "local": `primary_host=None`: each process saves host-local arrays into its own directory
-  ROOT/host-<id>, deciding by its own losses, then restores its best.
+  ROOT/host-<id>, deciding by its own losses, then restores its best; with nothing else
+  set, the manager derives the rest (`StandardSave`);
+- "local-by-hand": the same with Orbax's options and handlers built by hand (`PyTreeSave`).
 
 Prints one JSON line: the directory names, the best step, whether every local shard came back
 bit for bit, and (for "save") what each `save` returned and what the shared helpers answered.
@@ -96,7 +98,18 @@ def _too_large_fails_everywhere(process_id: int) -> bool:
     return False
 
 
-def _local_run(root: str, process_id: int) -> dict[str, Any]:
+def _local_manager(root: str, process_id: int, by_hand: bool) -> MetricCheckpointManager:
+    directory = f"{root}/host-{process_id}"
+    if not by_hand:
+        # primary_host=None alone: the manager derives the rest, as built by hand below.
+        processes = ocp.options.MultiprocessingOptions(primary_host=None)
+        return MetricCheckpointManager(
+            directory,
+            filename=LOCAL_TEMPLATE,
+            save_top_k=1,
+            keep_last=False,
+            options=ocp.CheckpointManagerOptions(multiprocessing_options=processes),
+        )
     # Each host writes its own directory (a local disk): every host is primary there, only
     # this process takes part in the manager's synchronisation, and each host writes the
     # shards of the global array it holds, holding its own data.
@@ -119,14 +132,8 @@ def _local_run(root: str, process_id: int) -> dict[str, Any]:
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(None, ocp.args.PyTreeSave, handler)
     registry.add(None, ocp.args.PyTreeRestore, handler)
-    sharding = NamedSharding(jax.make_mesh((4,), ("x",)), PartitionSpec("x"))
-
-    def local_array(step: int) -> jax.Array:
-        data = _host_data(step, process_id)
-        return jax.make_array_from_callback(SHAPE, sharding, lambda index: data[index])
-
-    manager = MetricCheckpointManager(
-        f"{root}/host-{process_id}",
+    return MetricCheckpointManager(
+        directory,
         filename=LOCAL_TEMPLATE,
         save_top_k=1,
         keep_last=False,
@@ -137,18 +144,35 @@ def _local_run(root: str, process_id: int) -> dict[str, Any]:
         ),
         handler_registry=registry,
     )
+
+
+def _local_run(root: str, process_id: int, by_hand: bool) -> dict[str, Any]:
+    sharding = NamedSharding(jax.make_mesh((4,), ("x",)), PartitionSpec("x"))
+
+    def local_array(step: int) -> jax.Array:
+        data = _host_data(step, process_id)
+        return jax.make_array_from_callback(SHAPE, sharding, lambda index: data[index])
+
+    manager = _local_manager(root, process_id, by_hand)
+    save, restore = (
+        (ocp.args.PyTreeSave, ocp.args.PyTreeRestore)
+        if by_hand
+        else (ocp.args.StandardSave, ocp.args.StandardRestore)
+    )
     saved = []
     for step, loss in enumerate(LOSSES[process_id]):
-        args = ocp.args.PyTreeSave({"w": local_array(step)})
-        saved.append(manager.save(step, args=args, metrics={"val_loss": loss}))
+        saved.append(
+            manager.save(step, args=save({"w": local_array(step)}), metrics={"val_loss": loss})
+        )
     manager.wait_until_finished()
     best = manager.best_step()
     assert best is not None
     target = {"w": jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=sharding)}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    restored = manager.restore(
-        best, args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
-    )["w"]
+    if by_hand:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        restored = manager.restore(best, args=restore(target, restore_args=restore_args))["w"]
+    else:
+        restored = manager.restore(best, args=restore(target))["w"]
     expected = _host_data(best, process_id)
     shards_ok = all(
         np.array_equal(np.asarray(shard.data), expected[shard.index])
@@ -164,8 +188,8 @@ def main(port: int, process_id: int, root: str, phase: str) -> None:
     logging.getLogger("artifex_ckpt").setLevel(logging.INFO)
     logging.getLogger("artifex_ckpt").addHandler(logging.StreamHandler(sys.stderr))
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
-    if phase == "local":
-        result = _local_run(root, process_id)
+    if phase.startswith("local"):
+        result = _local_run(root, process_id, by_hand=phase == "local-by-hand")
     else:
         result = _shared_run(root, process_id, phase)
     print(json.dumps(result), flush=True)
