@@ -38,12 +38,12 @@ def default_handler_registry(
     """Orbax's default registry, with standard array items of any name uncompressed.
 
     With `multiprocessing_options` whose `primary_host` is None (each host saves to a
-    directory of its own), the handler takes part with those processes only, and every
-    host writes the shards of the `jax.Array`s it holds: Orbax's default writes each shard
-    once, from the host of its first replica, and host-side values (numpy arrays, Python
-    scalars) from process 0 only, which would leave the other hosts' directories without
-    them. Such values are refused there (Orbax finds no handler for their type) rather
-    than lost.
+    directory of its own), the handlers take part with those processes only, and every host
+    writes its JSON items (the trainer state) and the shards of the `jax.Array`s it holds:
+    Orbax's default writes each shard once, from the host of its first replica, and JSON
+    and host-side values (numpy arrays, Python scalars) from process 0 only, which would
+    leave the other hosts' directories without them. Host-side values are refused there
+    (Orbax finds no handler for their type) rather than lost.
 
     Example:
         ```python
@@ -52,6 +52,7 @@ def default_handler_registry(
         ```
     """
     kwargs: dict[str, Any] = {}
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     if multiprocessing_options is not None and multiprocessing_options.primary_host is None:
         arrays = ocp.type_handlers.ArrayHandler(
             primary_host=None, replica_id=None, use_replica_parallel=False
@@ -62,7 +63,10 @@ def default_handler_registry(
                 (jax.Array, arrays)
             ),
         }
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        # JSON items (the trainer state) too: Orbax's default writes them on process 0 only.
+        json = ocp.JsonCheckpointHandler(multiprocessing_options=multiprocessing_options)
+        registry.add(None, ocp.args.JsonSave, json)
+        registry.add(None, ocp.args.JsonRestore, json)
     handler = UncompressedStandardCheckpointHandler(**kwargs)
     registry.add(None, ocp.args.StandardSave, handler)
     registry.add(None, ocp.args.StandardRestore, handler)

@@ -161,9 +161,10 @@ def _local_run(root: str, process_id: int, by_hand: bool) -> dict[str, Any]:
     )
     saved = []
     for step, loss in enumerate(LOSSES[process_id]):
-        saved.append(
-            manager.save(step, args=save({"w": local_array(step)}), metrics={"val_loss": loss})
-        )
+        args: Any = save({"w": local_array(step)})
+        if not by_hand:  # as ModelCheckpoint saves: arrays beside a JSON trainer state
+            args = ocp.args.Composite(state=args, info=ocp.args.JsonSave({"host": process_id}))
+        saved.append(manager.save(step, args=args, metrics={"val_loss": loss}))
     manager.wait_until_finished()
     best = manager.best_step()
     assert best is not None
@@ -172,7 +173,11 @@ def _local_run(root: str, process_id: int, by_hand: bool) -> dict[str, Any]:
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         restored = manager.restore(best, args=restore(target, restore_args=restore_args))["w"]
     else:
-        restored = manager.restore(best, args=restore(target))["w"]
+        items = manager.restore(
+            best, args=ocp.args.Composite(state=restore(target), info=ocp.args.JsonRestore())
+        )
+        assert items["info"] == {"host": process_id}, items["info"]
+        restored = items["state"]["w"]
     expected = _host_data(best, process_id)
     shards_ok = all(
         np.array_equal(np.asarray(shard.data), expected[shard.index])
