@@ -149,8 +149,11 @@ def position_kept_on_error(iterator: object) -> Iterator[None]:
     position = iterator.get_state()  # type: ignore[attr-defined]
     try:
         yield
-    except BaseException:
-        iterator.set_state(position)  # type: ignore[attr-defined]
+    except BaseException as err:
+        try:
+            iterator.set_state(position)  # type: ignore[attr-defined]
+        except Exception as failed:  # the restore's own error matters more
+            err.add_note(f"artifex_ckpt: the data iterator was not put back: {failed!r}")
         raise
 
 

@@ -128,12 +128,26 @@ def file_kind(mode: int) -> str:
 
 class NotRegularFileError(OSError):
     """A file a reader expected to be regular is something else: `kind` says what, in
-    `file_kind`'s words. Its `strerror` reads "is a FIFO, not a regular file"."""
+    `file_kind`'s words. Its `strerror` reads "is a FIFO, not a regular file".
+
+    Example:
+        ```python
+        try:
+            read_regular("/runs/exp1/artifex_owner.json", 1 << 16)
+        except NotRegularFileError as err:
+            print(f"the lease {err.filename} {err.strerror}")  # ... is a FIFO, not a ...
+        ```
+    """
 
     def __init__(self, kind: str, path: str) -> None:
         code = errno.ELOOP if kind == "a symlink" else errno.EINVAL
         super().__init__(code, f"is {kind}, not a regular file", path)
         self.kind = kind
+
+    def __reduce__(self) -> tuple[type[NotRegularFileError], tuple[str, str]]:
+        # OSError's own would call __init__ with (errno, strerror): keep `kind` across pickling
+        # (a process pool's worker raising it).
+        return type(self), (self.kind, self.filename)
 
 
 # A symlink is refused by the kernel (O_NOFOLLOW); opening a FIFO for reading would wait
@@ -141,7 +155,7 @@ class NotRegularFileError(OSError):
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
-def open_regular(path: str) -> int:
+def open_regular(path: str | os.PathLike[str]) -> int:
     """A blocking read-only descriptor of the local file `path`, if it is a regular file.
 
     Files in a run directory may be replaced by anyone who can write there: a symlink is
@@ -157,21 +171,25 @@ def open_regular(path: str) -> int:
             os.close(fd)
         ```
     """
+    name = os.fspath(path)
     try:
-        fd = os.open(path, _READ_FLAGS)
+        fd = os.open(name, _READ_FLAGS)
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise NotRegularFileError("a symlink", path) from err
+            raise NotRegularFileError("a symlink", name) from err
         raise
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(file_kind(mode), name)
+        os.set_blocking(fd, True)
+    except BaseException:
         os.close(fd)
-        raise NotRegularFileError(file_kind(mode), path)
-    os.set_blocking(fd, True)
+        raise
     return fd
 
 
-def read_regular(path: str, limit: int) -> bytes:
+def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
     """The bytes of the local regular file `path` (as `open_regular` opens it), at most
     `limit + 1` of them, so that a caller can tell a file larger than `limit`.
 
@@ -269,6 +287,11 @@ def filesystem(path: epath.Path) -> tuple[fsspec.AbstractFileSystem, str]:
 
     fsspec is what `epath` itself uses for object stores; it is imported late, so that a
     process can still set `FSSPEC_*` variables after importing artifex_ckpt.
+
+    Example:
+        ```python
+        fs, bucket_path = filesystem(epath.Path("gs://bucket/run"))
+        ```
     """
     import fsspec
 
@@ -283,6 +306,12 @@ def find_uncached(
     details, from one listing that leaves gcsfs's cache as it was: it sees what
     tensorstore wrote behind gcsfs's back, and later listings see what it does not.
     Returns the file system and the path within it too, as `filesystem` does.
+
+    Example:
+        ```python
+        fs, root, found = find_uncached(epath.Path("gs://bucket/run/model-03-0.1234"))
+        sizes = {name: info["size"] for name, info in found.items()}
+        ```
     """
     fs, root = filesystem(path)
     return fs, root, fs.find(root, detail=True, **_no_cache_update(fs))

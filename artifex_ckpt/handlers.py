@@ -25,7 +25,12 @@ class UncompressedStandardCheckpointHandler(ocp.StandardCheckpointHandler):
     `type_handler_registry`, which only the delegate takes).
     """
 
-    def __init__(self, *, type_handler_registry: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        type_handler_registry: ocp.type_handlers.TypeHandlerRegistry | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if type_handler_registry is not None:
             kwargs["type_handler_registry"] = type_handler_registry
@@ -38,36 +43,41 @@ def default_handler_registry(
     """Orbax's default registry, with standard array items of any name uncompressed.
 
     With `multiprocessing_options` whose `primary_host` is None (each host saves to a
-    directory of its own), the handlers take part with those processes only, and every host
-    writes its JSON items (the trainer state) and the shards of the `jax.Array`s it holds:
-    Orbax's default writes each shard once, from the host of its first replica, and JSON
-    and host-side values (numpy arrays, Python scalars) from process 0 only, which would
-    leave the other hosts' directories without them. Host-side values are refused there
-    (Orbax finds no handler for their type) rather than lost.
+    directory of its own), the handlers of `StandardSave`, `PyTreeSave` and `JsonSave` (and
+    their restores) take part with those processes only, and every host writes its JSON
+    items (the trainer state) and the shards of the `jax.Array`s it holds: Orbax's default
+    writes each shard once, from the host of its first replica, and JSON and host-side
+    values (numpy arrays, Python scalars) from process 0 only, which would leave the other
+    hosts' directories without them. Host-side values are refused there (Orbax finds no
+    handler for their type) rather than lost. Other items (grain's data position) keep
+    Orbax's handlers.
 
     Example:
         ```python
-        registry = default_handler_registry()
-        manager = MetricCheckpointManager("/tmp/run", handler_registry=registry)
+        options = ocp.CheckpointManagerOptions()
+        registry = default_handler_registry(options.multiprocessing_options)
+        manager = MetricCheckpointManager("/tmp/run", options=options, handler_registry=registry)
         ```
     """
-    kwargs: dict[str, Any] = {}
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    standard: ocp.CheckpointHandler = UncompressedStandardCheckpointHandler()
     if multiprocessing_options is not None and multiprocessing_options.primary_host is None:
         arrays = ocp.type_handlers.ArrayHandler(
             primary_host=None, replica_id=None, use_replica_parallel=False
         )
-        kwargs = {
+        per_host: dict[str, Any] = {
             "multiprocessing_options": multiprocessing_options,
             "type_handler_registry": ocp.type_handlers.create_type_handler_registry(
                 (jax.Array, arrays)
             ),
         }
-        # JSON items (the trainer state) too: Orbax's default writes them on process 0 only.
-        json = ocp.JsonCheckpointHandler(multiprocessing_options=multiprocessing_options)
-        registry.add(None, ocp.args.JsonSave, json)
-        registry.add(None, ocp.args.JsonRestore, json)
-    handler = UncompressedStandardCheckpointHandler(**kwargs)
-    registry.add(None, ocp.args.StandardSave, handler)
-    registry.add(None, ocp.args.StandardRestore, handler)
+        standard = UncompressedStandardCheckpointHandler(**per_host)
+        pytree = ocp.PyTreeCheckpointHandler(**per_host)
+        registry.add(None, ocp.args.PyTreeSave, pytree)
+        registry.add(None, ocp.args.PyTreeRestore, pytree)
+        json_items = ocp.JsonCheckpointHandler(multiprocessing_options=multiprocessing_options)
+        registry.add(None, ocp.args.JsonSave, json_items)
+        registry.add(None, ocp.args.JsonRestore, json_items)
+    registry.add(None, ocp.args.StandardSave, standard)
+    registry.add(None, ocp.args.StandardRestore, standard)
     return registry

@@ -7,7 +7,7 @@ reading it never fails and a failed write only warns.
 | kind | `name` | `score` | `details` |
 |---|---|---|---|
 | `evaluated` | would-be name or None | monitored value | `eligible` (bool) |
-| `saved` | directory name | monitored value | `rank` (1 = best, or None), `k`, [`threshold`] |
+| `saved` | directory name | monitored value | `rank` (1 = best), `k`, [`threshold`, `provisional`]|
 | `not_saved` | would-be name or None | monitored value | `k`, `kth` (k-th best), [`threshold`] |
 | `evicted` | evicted directory | its value | `by`, `by_step`, `by_score` (the newer one) |
 | `skipped_corrupt` | directory | its value or None | `by` (who restored), `error` |

@@ -44,8 +44,8 @@ class MetricCheckpointManager(ocp.CheckpointManager):
     """An Orbax `CheckpointManager` that keeps the k best checkpoints by a metric.
 
     It always keeps the newest one too (`keep_last=True`), ranks NaN and inf worst,
-    breaks ties in favour of the older checkpoint, never evicts a checkpoint without a
-    score, names step directories by a filename template, and stores these settings in
+    breaks ties in favour of the older checkpoint, never evicts an unscored checkpoint by
+    rank, names step directories by a filename template, and stores these settings in
     the directory so that a manager opened later without them adopts them. Arguments left
     as None take the stored value, else the default shown in brackets.
 
@@ -201,7 +201,7 @@ class MetricCheckpointManager(ocp.CheckpointManager):
             args = args()
         custom_metadata = jsonable(custom_metadata) if custom_metadata is not None else None
         name = self._plan.name_for(
-            step, None if marker else floats, epoch=epoch, global_step=global_step, partial=partial
+            step, floats, epoch=epoch, global_step=global_step, partial=partial
         )
         self._prepare_directory()
         before = {info.step: info.metrics for info in self._infos()}

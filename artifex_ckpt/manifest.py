@@ -359,9 +359,11 @@ def _all_files(base: str, *, complete: bool = False) -> Iterator[str]:
     skipped, so that a manifest never silently leaves out part of a checkpoint.
     """
     top = base.rstrip("/")
-    for root, _, files in os.walk(top, onerror=_reraise if complete else None):
+    for root, dirs, files in os.walk(top, onerror=_reraise if complete else None):
         inner = root[len(top) :].strip("/")
-        for file in files:
+        # os.walk lists a link to a directory with the directories (and does not follow it).
+        links = [name for name in dirs if os.path.islink(os.path.join(root, name))]
+        for file in (*files, *links):
             yield f"{inner}/{file}" if inner else file
 
 

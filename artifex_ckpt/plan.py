@@ -44,7 +44,12 @@ from artifex_ckpt.handlers import default_handler_registry
 from artifex_ckpt.listing import CheckedNameFormat
 from artifex_ckpt.naming import FilenameTemplate, TemplateNameFormat
 from artifex_ckpt.ownership import require_free
-from artifex_ckpt.policies import MetricRanking, cadence_policy, retention_policy
+from artifex_ckpt.policies import (
+    MetricRanking,
+    cadence_policy,
+    is_provisional,
+    retention_policy,
+)
 from artifex_ckpt.settings import RetentionSettings
 
 if TYPE_CHECKING:
@@ -141,18 +146,20 @@ class ManagerPlan:
         partial: str | None = None,
     ) -> str:
         """Render (and remember) the directory name of a new `step`: the template with the
-        counters and metrics (missing ones as "none" when the checkpoint is unscored), a
-        partial checkpoint's tag appended. Refuses, locally, a name that would not fit a
+        counters and metrics (missing ones as "none" when the checkpoint is unscored or
+        provisional: the marker in `metrics`, shared by the primary host, decides on every
+        host), a partial checkpoint's tag appended. Refuses, locally, a name that would not fit a
         directory name while it is written (with Orbax's temporary suffix)."""
         names = self.name_format
         if names is None:
             return self.step_name(step)
         counters = {"epoch": epoch, "step": global_step, names.template.key: step}
+        unscored = metrics is None or is_provisional(metrics)
         name = names.template.render(
             epoch=step if counters["epoch"] is None else counters["epoch"],
             step=step if counters["step"] is None else counters["step"],
-            metrics=metrics,
-            missing="none" if partial is not None or metrics is None else "raise",
+            metrics=None if is_provisional(metrics) else metrics,
+            missing="none" if partial is not None or unscored else "raise",
         )
         name = name if partial is None else f"{name}-{partial}"
         unfinished = name + step_lib.TMP_DIR_SUFFIX
@@ -322,7 +329,8 @@ def _per_host(
     """`primary_host=None`: each host saves to a directory of its own. Only this process
     takes part in the manager's barriers (under a key prefix of its own), and it signals
     its own directory's creation, so that no host waits for, or is misled by, another.
-    What the caller set is kept."""
+    The caller's processes and key prefix are kept; per-process directory creation is
+    always on (without it a save fails with a missing directory)."""
     processes = options.multiprocessing_options
     processes = dataclasses.replace(
         processes,

@@ -164,6 +164,7 @@ def test_a_failed_restore_leaves_the_grain_iterator_where_it_was(tmp_path: Path)
         with pytest.raises(CorruptCheckpointError, match="does not match its manifest"):
             restore_checkpoint(manager, model, 1, data_iterator=fresh)
         assert_batches_equal(list(fresh), uninterrupted[1:])  # not moved to step 1's 5
+        # A fallback sets the position again (step 0's), with or without the guard.
         fresh = dataset_iterator()
         with pytest.warns(CorruptCheckpointWarning, match="trying step 0"):
             restored = restore_checkpoint(manager, model, "latest", data_iterator=fresh)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,17 @@ def test_a_symlink_is_not_followed(tmp_path: Path) -> None:
     with pytest.raises(NotRegularFileError, match="is a symlink, not a regular file") as caught:
         _read_within(link, 64)
     assert caught.value.errno == errno.ELOOP
+
+
+def test_the_error_keeps_its_kind_across_pickling(tmp_path: Path) -> None:
+    error = NotRegularFileError("a FIFO", os.fspath(tmp_path / "fifo"))
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.kind, copy.errno, copy.strerror, copy.filename) == (
+        "a FIFO",
+        errno.EINVAL,
+        "is a FIFO, not a regular file",
+        error.filename,
+    )
 
 
 def test_a_directory_is_refused_and_a_missing_file_is_not_found(tmp_path: Path) -> None:

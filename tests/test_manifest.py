@@ -249,11 +249,14 @@ def test_fifo_and_symlink_are_not_recorded_or_opened(run: Path, tmp_path: Path) 
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"not part of the checkpoint")
     (step / "link").symlink_to(outside)
+    (step / "model" / "dirlink").symlink_to(tmp_path)  # listed, never walked into
     manifest = write_manifest(step)  # would block forever if it opened the FIFO
-    assert {"pipe", "link"}.isdisjoint(entry.path for entry in manifest.entries)
+    recorded = {entry.path for entry in manifest.entries}
+    assert {"pipe", "link", "model/dirlink"}.isdisjoint(recorded)
+    assert not any(path.startswith("model/dirlink/") for path in recorded)
     check = verify(step)
     assert check.status == "ok"
-    assert check.unlisted == ("link", "pipe")
+    assert check.unlisted == ("link", "model/dirlink", "pipe")
 
 
 def test_recorded_file_replaced_by_fifo_or_symlink_is_reported_not_opened(

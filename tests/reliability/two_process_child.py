@@ -162,8 +162,12 @@ def _local_run(root: str, process_id: int, by_hand: bool) -> dict[str, Any]:
     saved = []
     for step, loss in enumerate(LOSSES[process_id]):
         args: Any = save({"w": local_array(step)})
-        if not by_hand:  # as ModelCheckpoint saves: arrays beside a JSON trainer state
-            args = ocp.args.Composite(state=args, info=ocp.args.JsonSave({"host": process_id}))
+        if not by_hand:  # as ModelCheckpoint saves (arrays, a JSON trainer state), and PyTree
+            args = ocp.args.Composite(
+                state=args,
+                info=ocp.args.JsonSave({"host": process_id}),
+                tree=ocp.args.PyTreeSave({"v": local_array(step)}),
+            )
         saved.append(manager.save(step, args=args, metrics={"val_loss": loss}))
     manager.wait_until_finished()
     best = manager.best_step()
@@ -173,10 +177,21 @@ def _local_run(root: str, process_id: int, by_hand: bool) -> dict[str, Any]:
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         restored = manager.restore(best, args=restore(target, restore_args=restore_args))["w"]
     else:
+        tree_args = ocp.checkpoint_utils.construct_restore_args({"v": target["w"]})
         items = manager.restore(
-            best, args=ocp.args.Composite(state=restore(target), info=ocp.args.JsonRestore())
+            best,
+            args=ocp.args.Composite(
+                state=restore(target),
+                info=ocp.args.JsonRestore(),
+                tree=ocp.args.PyTreeRestore({"v": target["w"]}, restore_args=tree_args),
+            ),
         )
         assert items["info"] == {"host": process_id}, items["info"]
+        tree = items["tree"]["v"]
+        assert all(
+            np.array_equal(np.asarray(shard.data), _host_data(best, process_id)[shard.index])
+            for shard in tree.addressable_shards
+        )
         restored = items["state"]["w"]
     expected = _host_data(best, process_id)
     shards_ok = all(
