@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from etils import epath
 
-from artifex_ckpt.directory import is_local, read_object
+from artifex_ckpt.directory import NotRegularFileError, is_local, read_object, read_regular
 from artifex_ckpt.errors import ConfigError, SettingsMismatchError
 from artifex_ckpt.naming import FilenameTemplate
 from artifex_ckpt.validation import (
@@ -32,6 +32,8 @@ __all__ = ["SETTINGS_FILE", "RetentionSettings"]
 
 SETTINGS_FILE = "artifex_ckpt.json"
 _CHECKSUM = "checksum"
+# A few hundred bytes; a larger file is not settings, and is not read whole.
+_MAX_BYTES = 1 << 16
 # Re-ranking by another metric or direction could evict the best of the stored checkpoints.
 _FIXED = ("monitor", "mode", "key")
 
@@ -120,18 +122,19 @@ class RetentionSettings:
         or does not match its checksum.
         """
         path = directory / SETTINGS_FILE
-        if is_local(path):
-            if not path.exists():
-                return None
-            if not path.is_file():
-                raise ConfigError(f"stored settings {path} is not a regular file; move it away")
         try:
-            # On an object store one request, where exists, is_file and read through
-            # `epath` cost about nine at every open.
-            text = path.read_text() if is_local(path) else read_object(path)
-            if text is None:
+            # Locally never through a link nor waiting on a FIFO; on an object store one
+            # request, where exists, is_file and read through `epath` cost about nine.
+            data = read_regular(path, _MAX_BYTES) if is_local(path) else read_object(path)
+            if data is None:
                 return None
-            stored = json.loads(text)
+            if len(data) > _MAX_BYTES:
+                raise ValueError(f"larger than {_MAX_BYTES} bytes")
+            stored = json.loads(data)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # a directory that is a file is refused where it is opened
+        except NotRegularFileError as err:
+            raise ConfigError(f"stored settings {path} {err.strerror}; move it away") from err
         except (OSError, ValueError) as err:
             raise ConfigError(f"stored settings {path} cannot be read: {err}") from err
         if not isinstance(stored, dict):

@@ -397,6 +397,25 @@ def test_check_intact_never_opens_a_fifo(ckpt_dir: Path) -> None:
         path.with_name(path.name + ".aside").rename(path)
 
 
+@pytest.mark.parametrize("kind", ["a FIFO", "a symlink", "a directory"])
+def test_stored_settings_of_the_wrong_kind_are_refused_without_waiting(
+    ckpt_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    _fill(ckpt_dir, [0.9, 0.4])
+    settings = ckpt_dir / SETTINGS_FILE
+    real = tmp_path / "elsewhere.json"
+    settings.rename(real)
+    if kind == "a FIFO":
+        os.mkfifo(settings)  # opening it to read would wait for a writer
+    elif kind == "a symlink":
+        settings.symlink_to(real)  # same bytes, not the run's own file
+    else:
+        settings.mkdir()
+    with pytest.raises(ConfigError, match=f"{SETTINGS_FILE} is {kind}, not a regular file"):
+        MetricCheckpointManager(ckpt_dir)
+    assert step_dirs(ckpt_dir) - {SETTINGS_FILE} == {"model-00-0.9000", "model-01-0.4000"}
+
+
 def test_a_save_whose_directory_cannot_be_created_fails_in_save(ckpt_dir: Path) -> None:
     with MetricCheckpointManager(ckpt_dir, filename="m-{epoch}") as mgr:
         mgr.save(0, args=_args(0), metrics={"val_loss": 0.5})
