@@ -47,7 +47,14 @@ from etils import epath
 from rich.table import Table
 from rich.text import Text
 
-from artifex_ckpt.directory import absolute, forget_listing, is_local, read_object, write_atomic
+from artifex_ckpt.directory import (
+    absolute,
+    forget_listing,
+    is_local,
+    open_regular,
+    read_object,
+    write_atomic,
+)
 from artifex_ckpt.errors import CheckpointWarning, ConfigError
 from artifex_ckpt.validation import require_int
 
@@ -393,8 +400,7 @@ class DecisionHistory:
         Damaged or truncated lines are skipped; an absent or unreadable history is [].
         """
         try:
-            _require_regular(self.path, local=self._local)
-            data = (self.path.read_bytes() if self._local else read_object(self.path)) or b""
+            data = (_read_local(self.path) if self._local else read_object(self.path)) or b""
         except Exception:  # never needed to restore: any failure to read is an empty history
             data = b""
         with self._lock:
@@ -610,6 +616,12 @@ def _rank(decision: Decision) -> str:
     if isinstance(rank, int) and isinstance(k, int) and rank > k:
         return f"rank {rank}, outside the top {k}: kept as the newest"
     return f"rank {rank} of {k}"
+
+
+def _read_local(path: epath.Path) -> bytes:
+    # Never through a link, never waiting on a FIFO (see `directory.open_regular`).
+    with os.fdopen(open_regular(path), "rb") as file:
+        return file.read()
 
 
 def _require_regular(path: epath.Path, *, local: bool) -> None:

@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -135,6 +136,22 @@ def test_a_line_cut_short_by_a_crash_does_not_swallow_the_next_decision(tmp_path
     after_restart = Decision.saved(2, "model-02", 0.3, rank=1, k=3, at=T0 + 2)
     DecisionHistory(tmp_path).append(after_restart)
     assert _norms(DecisionHistory(tmp_path).read()) == _norms([first, after_restart])
+
+
+def test_a_history_replaced_by_a_fifo_or_a_link_reads_empty_without_waiting(
+    tmp_path: Path,
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    DecisionHistory(elsewhere).append(_one_of_each()[0])
+    for kind in ("fifo", "link"):
+        run = tmp_path / kind
+        run.mkdir()
+        if kind == "fifo":
+            os.mkfifo(run / HISTORY_FILE)  # reading it would wait for a writer
+        else:
+            (run / HISTORY_FILE).symlink_to(elsewhere / HISTORY_FILE)  # not this run's
+        assert DecisionHistory(run).read() == []
+    assert len(DecisionHistory(elsewhere).read()) == 1
 
 
 def test_absent_history_reads_empty_and_reading_creates_nothing(tmp_path: Path) -> None:
