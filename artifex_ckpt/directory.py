@@ -23,7 +23,7 @@ import shutil
 import stat
 import uuid
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from etils import epath
 from orbax.checkpoint.path import step as step_lib
@@ -152,15 +152,23 @@ class NotRegularFileError(OSError):
 
 # A symlink is refused by the kernel (O_NOFOLLOW); opening a FIFO for reading would wait
 # for a writer, O_NONBLOCK returns at once so that `fstat` can refuse it before any read.
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+# Appending opens read-write, which never waits on a FIFO either, and creates the file.
+_SAFE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_FLAGS = {
+    "read": os.O_RDONLY | _SAFE_FLAGS,
+    "append": os.O_RDWR | os.O_APPEND | os.O_CREAT | _SAFE_FLAGS,
+}
 
 
-def open_regular(path: str | os.PathLike[str]) -> int:
-    """A blocking read-only descriptor of the local file `path`, if it is a regular file.
+def open_regular(path: str | os.PathLike[str], mode: Literal["read", "append"] = "read") -> int:
+    """A blocking descriptor of the local file `path`, if it is a regular file: read-only,
+    or with `mode="append"` read-write, appending, and created if absent (mode 0o644
+    before the umask).
 
     Files in a run directory may be replaced by anyone who can write there: a symlink is
-    never followed, and a FIFO, socket or device is refused without waiting or reading.
-    Raises `NotRegularFileError` for those, `FileNotFoundError` if nothing is there.
+    never followed, and a FIFO, socket or device is refused without waiting, reading or
+    writing. Raises `NotRegularFileError` for those, `FileNotFoundError` if nothing is
+    there (when reading).
 
     Example:
         ```python
@@ -173,15 +181,15 @@ def open_regular(path: str | os.PathLike[str]) -> int:
     """
     name = os.fspath(path)
     try:
-        fd = os.open(name, _READ_FLAGS)
+        fd = os.open(name, _FLAGS[mode], 0o644)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise NotRegularFileError("a symlink", name) from err
         raise
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFileError(file_kind(mode), name)
+        found = os.fstat(fd).st_mode
+        if not stat.S_ISREG(found):
+            raise NotRegularFileError(file_kind(found), name)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)

@@ -33,7 +33,6 @@ import datetime
 import json
 import math
 import os
-import stat
 import threading
 import types
 import warnings
@@ -415,34 +414,23 @@ class DecisionHistory:
 
     def _append_local(self, line: bytes) -> None:
         if self._size is None:
-            self._size = self._begin_local()
-        with self.path.open("ab") as out:
-            out.write(line)
-        self._size += len(line)
-        if self._size > self.max_bytes:
-            kept = _newest_lines(self.path.read_bytes(), self.max_bytes // 2)
-            tmp = self.path.parent / f".{HISTORY_FILE}.{os.getpid()}.tmp"
-            tmp.write_bytes(kept)
-            tmp.replace(self.path)
-            self._size = len(kept)
-
-    def _begin_local(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            return 0
-        _require_regular(self.path, local=True)
-        size = self.path.stat().length
-        if size:
-            with self.path.open("rb") as existing:
-                existing.seek(size - 1)
-                ends_line = existing.read(1) == b"\n"
-            if not ends_line:
-                # A crash cut the last line short; without a newline the next
-                # decision would be glued to it and lost with it.
-                with self.path.open("ab") as out:
-                    out.write(b"\n")
-                size += 1
-        return size
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Opened for each decision, never through a link nor waiting on a FIFO: the file may
+        # have been replaced since the last one (`directory.open_regular`).
+        fd = open_regular(self.path, mode="append")
+        try:
+            if self._size is None:
+                self._size = _end_with_newline(fd)
+            _write_all(fd, line)
+            self._size += len(line)
+            if self._size > self.max_bytes:
+                kept = _newest_lines(os.pread(fd, self._size, 0), self.max_bytes // 2)
+                tmp = self.path.parent / f".{HISTORY_FILE}.{os.getpid()}.tmp"
+                tmp.write_bytes(kept)
+                tmp.replace(self.path)
+                self._size = len(kept)
+        finally:
+            os.close(fd)
 
     def _append_remote(self, line: bytes) -> None:
         if self._size is None:
@@ -624,17 +612,20 @@ def _read_local(path: epath.Path) -> bytes:
         return file.read()
 
 
-def _require_regular(path: epath.Path, *, local: bool) -> None:
-    """Raise OSError if a local `path` exists but is not a regular file: opening a FIFO
-    would block forever."""
-    if not local:
-        return
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISREG(mode):
-        raise OSError(f"{path} is not a regular file")
+def _end_with_newline(fd: int) -> int:
+    """The size of the history open at `fd`, after ending it with a newline: a crash may
+    have cut the last line short, and the next decision would be glued to it and lost."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        _write_all(fd, b"\n")
+        size += 1
+    return size
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _newest_lines(data: bytes, budget: int) -> bytes:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -175,6 +176,30 @@ def test_history_path_that_is_a_directory_reads_empty_and_writes_warn_once(
     assert len(caught) == 1
     assert history.read() == []
     assert list((tmp_path / HISTORY_FILE).iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a symlink"])
+def test_a_history_replaced_between_two_decisions_is_not_written_through(
+    tmp_path: Path, kind: str
+) -> None:
+    # Each decision opens the file again: one swapped in since the last is refused, without
+    # waiting for a reader of the FIFO and without writing into the link's target.
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere.jsonl"
+    history = DecisionHistory(run)
+    history.append(Decision.evaluated(0, 0.5, at=T0))
+    (run / HISTORY_FILE).rename(elsewhere)
+    if kind == "a FIFO":
+        os.mkfifo(run / HISTORY_FILE)
+    else:
+        (run / HISTORY_FILE).symlink_to(elsewhere)
+    with pytest.warns(HistoryWarning, match=f"is {kind}, not a regular file"):
+        writer = threading.Thread(target=history.append, args=(Decision.evaluated(1, 0.4),))
+        writer.start()
+        writer.join(timeout=10)
+        if writer.is_alive():  # blocked opening the FIFO: a reader releases it
+            os.close(os.open(run / HISTORY_FILE, os.O_RDONLY | os.O_NONBLOCK))
+            pytest.fail("appending waited on a FIFO")
+    assert len(elsewhere.read_text().splitlines()) == 1
 
 
 def test_compaction_keeps_the_newest_and_stays_under_the_cap(tmp_path: Path) -> None:
