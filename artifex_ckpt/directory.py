@@ -162,7 +162,7 @@ _FLAGS = {
 
 def open_regular(path: str | os.PathLike[str], mode: Literal["read", "append"] = "read") -> int:
     """A blocking descriptor of the local file `path`, if it is a regular file: read-only,
-    or with `mode="append"` read-write, appending, and created if absent (mode 0o644
+    or with `mode="append"` read-write, appending, and created if absent (mode 0o666
     before the umask).
 
     Files in a run directory may be replaced by anyone who can write there: a symlink is
@@ -181,7 +181,7 @@ def open_regular(path: str | os.PathLike[str], mode: Literal["read", "append"] =
     """
     name = os.fspath(path)
     try:
-        fd = os.open(name, _FLAGS[mode], 0o644)
+        fd = os.open(name, _FLAGS[mode], 0o666)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise NotRegularFileError("a symlink", name) from err
