@@ -358,9 +358,9 @@ def _rewrite(path: epath.Path, change: Callable[[bytes], bytes]) -> None:
     path.write_bytes(changed)
 
 
-def test_changed_commit_record_on_gcs_is_skipped(gcs_dir: epath.Path) -> None:
-    # Same size, still valid JSON: only the manifest's checksum can tell.
-    model = _Dense(nnx.Rngs(1))
+def _three_on_gcs(gcs_dir: epath.Path) -> tuple[list[_Dense], epath.Path]:
+    """Steps 0-2, all kept, scored 0.3, 0.1 (the best) and 0.2 (the next best): the saved
+    models, and the best one's directory."""
     with MetricCheckpointManager(gcs_dir, monitor="val_loss", save_top_k=-1) as manager:
         saved = []
         for step, loss in enumerate((0.3, 0.1, 0.2)):
@@ -368,8 +368,13 @@ def test_changed_commit_record_on_gcs_is_skipped(gcs_dir: epath.Path) -> None:
             saved.append(model)
             save_checkpoint(manager, model, step, metrics={"val_loss": loss})
         manager.wait_until_finished()
-        record = manager.step_path(1) / "_CHECKPOINT_METADATA"
-    _rewrite(record, lambda data: data.replace(b"1", b"2", 1))
+        return saved, manager.step_path(1)
+
+
+def test_changed_commit_record_on_gcs_is_skipped(gcs_dir: epath.Path) -> None:
+    # Same size, still valid JSON: only the manifest's checksum can tell.
+    saved, step_dir = _three_on_gcs(gcs_dir)
+    _rewrite(step_dir / "_CHECKPOINT_METADATA", lambda data: data.replace(b"1", b"2", 1))
     _forget_listings()
     with MetricCheckpointManager(gcs_dir) as manager:
         target = _Dense(nnx.Rngs(9))
@@ -380,14 +385,7 @@ def test_changed_commit_record_on_gcs_is_skipped(gcs_dir: epath.Path) -> None:
 
 def test_damaged_commit_record_without_manifest_on_gcs_is_skipped(gcs_dir: epath.Path) -> None:
     # No manifest to vouch for the commit record: it is read, and found wanting.
-    with MetricCheckpointManager(gcs_dir, monitor="val_loss", save_top_k=-1) as manager:
-        saved = []
-        for step, loss in enumerate((0.3, 0.1, 0.2)):
-            model = _Dense(nnx.Rngs(step))
-            saved.append(model)
-            save_checkpoint(manager, model, step, metrics={"val_loss": loss})
-        manager.wait_until_finished()
-        step_dir = manager.step_path(1)
+    saved, step_dir = _three_on_gcs(gcs_dir)
     (step_dir / "artifex_manifest.json").unlink()
     _rewrite(step_dir / "_CHECKPOINT_METADATA", lambda data: b"[" + data[1:])
     _forget_listings()
