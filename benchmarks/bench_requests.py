@@ -48,6 +48,7 @@ from benchmarks.fixtures import MLP
 from benchmarks.report import Figure
 from benchmarks.timing import Spread
 from tests.gcs_emulator import BUCKET, Emulator, configure_environment
+from tests.runs import fill_json_only
 
 TOP_K = 2
 TARGET = 1.1
@@ -134,15 +135,6 @@ def _restore(open_manager: Opener, root: epath.Path, count: _Counter, ours: bool
         return count(restore)
 
 
-def _fill(root: epath.Path, checkpoints: int) -> None:
-    """`checkpoints` small JSON-only checkpoints, all kept, with scores 1.0, 0.99, ..."""
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
-    with MetricCheckpointManager(root, save_top_k=-1, options=options) as manager:
-        for step in range(checkpoints):
-            item = ocp.args.Composite(trainer_state=ocp.args.JsonSave({"epoch": step}))
-            manager.save(step, args=item, metrics={"val_loss": 1.0 - step / 100})
-
-
 def _open_best(open_manager: Opener, root: epath.Path, count: _Counter, best: int) -> int:
     found: list[int | None] = []
 
@@ -188,7 +180,7 @@ def _trial(count: _Counter, checkpoints: int) -> dict[str, dict[str, int]]:
     requests: dict[str, dict[str, int]] = {name: {} for name in openers}
     base = epath.Path(f"gs://{BUCKET}/bench-requests-{uuid.uuid4().hex[:8]}")
     many = base / "many"
-    _fill(many, checkpoints)
+    fill_json_only(many, checkpoints)
     for name, open_manager in openers.items():
         root = base / name
         requests[name].update(_saves(open_manager, root, count))

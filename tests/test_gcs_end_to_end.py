@@ -43,6 +43,7 @@ from artifex_ckpt.settings import SETTINGS_FILE
 from artifex_ckpt.table import human_size
 from tests.conftest import TinyMLP, assert_trees_equal, pure
 from tests.gcs_emulator import Emulator
+from tests.runs import fill_json_only
 from tests.training import make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,15 +273,6 @@ def test_cli_demo_trains_into_a_gcs_directory(gcs_dir: epath.Path) -> None:
 # What opening a run directory costs, and what it cleans
 
 
-def fill(directory: epath.Path, checkpoints: int) -> None:
-    """`checkpoints` small JSON-only checkpoints, all kept, the newest the best."""
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
-    with MetricCheckpointManager(directory, save_top_k=-1, options=options) as manager:
-        for step in range(checkpoints):
-            item = ocp.args.Composite(trainer_state=ocp.args.JsonSave({"epoch": step}))
-            manager.save(step, args=item, metrics={"val_loss": 1.0 - step / 100})
-
-
 def open_cost(gcs_bucket: Emulator, open_manager: Callable[[], ocp.CheckpointManager]) -> int:
     """Requests to open a manager with cold listing caches, ask its best step, close it."""
     import gcsfs
@@ -299,7 +291,7 @@ def test_opening_a_writer_costs_about_what_raw_orbax_does(
     # Orbax's own start-up scan would ask each of the 6 checkpoints (and each file beside
     # them) for its commit mark, 2-4 requests apiece; the lease, the settings and the
     # listing of unfinished saves cost a dozen in all, whatever the number of checkpoints.
-    fill(gcs_dir, 6)
+    fill_json_only(gcs_dir, 6)
     options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["val_loss"], best_mode="min")
     raw = open_cost(gcs_bucket, lambda: ocp.CheckpointManager(gcs_dir, options=options))
     ours = open_cost(gcs_bucket, lambda: MetricCheckpointManager(gcs_dir))
@@ -309,7 +301,7 @@ def test_opening_a_writer_costs_about_what_raw_orbax_does(
 def test_a_writer_removes_an_uncommitted_save_and_a_reader_leaves_it(
     gcs_dir: epath.Path,
 ) -> None:
-    fill(gcs_dir, 6)
+    fill_json_only(gcs_dir, 6)
     # A save cut short by a crash: objects under its final name, no commit mark yet.
     crashed = gcs_dir / "6"
     (crashed / "trainer_state" / "metadata").write_text('{"epoch": 6}')
