@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import stat
-import warnings
 from typing import TYPE_CHECKING
 
 import orbax.checkpoint as ocp
@@ -36,7 +35,7 @@ from orbax.checkpoint.path import step as step_lib
 
 from artifex_ckpt.directory import TRASH, absolute, file_kind, is_local, read_regular
 from artifex_ckpt.errors import CheckpointError, CheckpointNotFoundError, ConfigError
-from artifex_ckpt.history import HISTORY_FILE, Decision, DecisionHistory, HistoryWarning
+from artifex_ckpt.history import Decision, DecisionHistory
 from artifex_ckpt.ownership import OwnershipError, read_owner
 from artifex_ckpt.plan import plan_manager
 from artifex_ckpt.settings import RetentionSettings
@@ -302,21 +301,6 @@ def _read_small(path: epath.Path) -> bytes:
 
 
 def _record(root: epath.Path, decision: Decision) -> None:
-    history = root / HISTORY_FILE
-    if is_local(root):
-        try:
-            mode = os.stat(os.fspath(history)).st_mode
-        except FileNotFoundError:
-            mode = stat.S_IFREG
-        if not stat.S_ISREG(mode):
-            # Appending opens it, and opening a FIFO blocks.
-            warnings.warn(
-                HistoryWarning(
-                    f"decision history {os.fspath(history)} is {file_kind(mode)}, not a regular "
-                    f"file; the quarantine of {decision.name} is not recorded"
-                ),
-                stacklevel=3,
-            )
-            return
+    # A history that is a FIFO or a link is refused by the append itself (HistoryWarning).
     with DecisionHistory(root) as writer:
         writer.append(decision)
