@@ -197,9 +197,10 @@ def open_regular(path: str | os.PathLike[str], mode: Literal["read", "append"] =
     return fd
 
 
-def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
-    """The bytes of the local regular file `path` (as `open_regular` opens it), at most
-    `limit + 1` of them, so that a caller can tell a file larger than `limit`.
+def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
+    """The bytes of the local regular file `path` (as `open_regular` opens it): all of
+    them, or with a `limit` at most `limit + 1`, so that a caller can tell a file larger
+    than `limit`.
 
     Example:
         ```python
@@ -208,16 +209,8 @@ def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
             raise ValueError("metrics file too large")
         ```
     """
-    fd = open_regular(path)
-    try:
-        chunks = []
-        size = 0
-        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
+    with os.fdopen(open_regular(path), "rb") as file:
+        return file.read() if limit is None else file.read(limit + 1)
 
 
 def require_writable(directory: epath.Path) -> None:

@@ -52,6 +52,7 @@ from artifex_ckpt.directory import (
     is_local,
     open_regular,
     read_object,
+    read_regular,
     write_atomic,
 )
 from artifex_ckpt.errors import CheckpointWarning, ConfigError
@@ -399,7 +400,7 @@ class DecisionHistory:
         Damaged or truncated lines are skipped; an absent or unreadable history is [].
         """
         try:
-            data = (_read_local(self.path) if self._local else read_object(self.path)) or b""
+            data = (read_regular(self.path) if self._local else read_object(self.path)) or b""
         except Exception:  # never needed to restore: any failure to read is an empty history
             data = b""
         with self._lock:
@@ -604,12 +605,6 @@ def _rank(decision: Decision) -> str:
     if isinstance(rank, int) and isinstance(k, int) and rank > k:
         return f"rank {rank}, outside the top {k}: kept as the newest"
     return f"rank {rank} of {k}"
-
-
-def _read_local(path: epath.Path) -> bytes:
-    # Never through a link, never waiting on a FIFO (see `directory.open_regular`).
-    with os.fdopen(open_regular(path), "rb") as file:
-        return file.read()
 
 
 def _end_with_newline(fd: int) -> int:
