@@ -158,7 +158,7 @@ class ManagerPlan:
         name = names.template.render(
             epoch=step if counters["epoch"] is None else counters["epoch"],
             step=step if counters["step"] is None else counters["step"],
-            metrics=None if is_provisional(metrics) else metrics,
+            metrics=None if unscored else metrics,
             missing="none" if partial is not None or unscored else "raise",
         )
         name = name if partial is None else f"{name}-{partial}"
